@@ -1,0 +1,40 @@
+/* pyllm's own C glue (glue.cpp): build identity, lean hot-path helpers, memory accounting. */
+const char * pyllm_build_version(void);
+const char * pyllm_build_llama_commit(void);
+const char * pyllm_build_backends(void);
+const char * pyllm_build_cuda_archs(void);
+const char * pyllm_build_fa_quants(void);
+
+/* Abort callback for llama_context_params: returns true once *(int *)data is non-zero. */
+bool pyllm_abort_callback(void * data);
+void pyllm_abort_set(int * flag, int value);
+
+/* Fill a batch for one sequence: n tokens from toks at positions pos0.., logits for the last one only
+   when logits_last (all when logits_all). */
+void    pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
+                         llama_seq_id seq_id, bool logits_last, bool logits_all);
+/* Decode one token for one sequence with its logits requested: the per-token path of generation. */
+int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
+                         llama_seq_id seq_id);
+/* Index of the largest logit of output row idx (greedy sampling read in place, no copy). -1 on error. */
+int32_t pyllm_argmax_logits(struct llama_context * ctx, int32_t idx, int32_t n_vocab);
+
+/* llama.cpp's own memory accounting of a context, per buffer type (CPU, CUDA0, ...). */
+typedef struct pyllm_buft_memory {
+    char     name[64];
+    bool     is_host;
+    uint64_t model;
+    uint64_t context;
+    uint64_t compute;
+} pyllm_buft_memory;
+int32_t pyllm_memory_breakdown(const struct llama_context * ctx, pyllm_buft_memory * out, int32_t n_max);
+
+/* Model shape as llama.cpp's hparams see it: per-layer K/V head sizes (what the KV block size must
+   divide), and whether the model uses MLA (K and V cache types must then be equal). */
+int32_t pyllm_model_n_layer(const struct llama_model * model);
+int32_t pyllm_model_n_embd_head_k(const struct llama_model * model, int32_t il);
+int32_t pyllm_model_n_embd_head_v(const struct llama_model * model, int32_t il);
+bool    pyllm_model_requires_equal_kv_types(const struct llama_model * model);
+
+/* Whether flash attention is in effect for this context (llama.cpp resolves "auto" at creation). */
+bool pyllm_context_flash_attn(const struct llama_context * ctx);

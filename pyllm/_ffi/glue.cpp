@@ -1,0 +1,121 @@
+// pyllm's C glue. Compiled into the extension with llama.cpp linked statically, so it may use
+// llama.cpp's C++-only accounting (llama-ext.h) and expose it as plain C to cffi.
+#include "pyllm_glue.h"
+
+#include "ggml-backend.h"
+#include "llama-ext.h"
+#include "llama-arch.h"
+#include "llama-hparams.h"
+#include "llama-context.h"
+#include "llama-model.h"
+
+#include <atomic>
+#include <cstring>
+
+#ifndef PYLLM_VERSION
+#error "PYLLM_VERSION must be defined by the build"
+#endif
+
+extern "C" {
+
+const char * pyllm_build_version(void) { return PYLLM_VERSION; }
+const char * pyllm_build_llama_commit(void) { return PYLLM_LLAMA_COMMIT; }
+const char * pyllm_build_backends(void) { return PYLLM_BACKENDS; }
+const char * pyllm_build_cuda_archs(void) { return PYLLM_CUDA_ARCHS; }
+const char * pyllm_build_fa_quants(void) { return PYLLM_FA_QUANTS; }
+
+// Called by ggml between graph nodes: must stay cheap, so it never enters Python.
+bool pyllm_abort_callback(void * data) {
+    return data != nullptr && __atomic_load_n(static_cast<int *>(data), __ATOMIC_RELAXED) != 0;
+}
+
+void pyllm_abort_set(int * flag, int value) {
+    __atomic_store_n(flag, value, __ATOMIC_RELAXED);
+}
+
+void pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
+                      llama_seq_id seq_id, bool logits_last, bool logits_all) {
+    for (int32_t i = 0; i < n; ++i) {
+        batch->token[i]     = toks[i];
+        batch->pos[i]       = pos0 + i;
+        batch->n_seq_id[i]  = 1;
+        batch->seq_id[i][0] = seq_id;
+        batch->logits[i]    = logits_all ? 1 : 0;
+    }
+    if (n > 0 && logits_last) {
+        batch->logits[n - 1] = 1;
+    }
+    batch->n_tokens = n;
+}
+
+int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
+                         llama_seq_id seq_id) {
+    batch->token[0]     = token;
+    batch->pos[0]       = pos;
+    batch->n_seq_id[0]  = 1;
+    batch->seq_id[0][0] = seq_id;
+    batch->logits[0]    = 1;
+    batch->n_tokens     = 1;
+    return llama_decode(ctx, *batch);
+}
+
+int32_t pyllm_argmax_logits(struct llama_context * ctx, int32_t idx, int32_t n_vocab) {
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (logits == nullptr || n_vocab <= 0) {
+        return -1;
+    }
+    int32_t best = 0;
+    float   best_v = logits[0];
+    for (int32_t i = 1; i < n_vocab; ++i) {
+        if (logits[i] > best_v) {
+            best_v = logits[i];
+            best   = i;
+        }
+    }
+    return best;
+}
+
+int32_t pyllm_memory_breakdown(const struct llama_context * ctx, pyllm_buft_memory * out, int32_t n_max) {
+    try {
+        const llama_memory_breakdown mb = llama_get_memory_breakdown(ctx);
+        int32_t n = 0;
+        for (const auto & [buft, data] : mb) {
+            if (n < n_max) {
+                pyllm_buft_memory & row = out[n];
+                std::memset(&row, 0, sizeof(row));
+                std::strncpy(row.name, ggml_backend_buft_name(buft), sizeof(row.name) - 1);
+                row.is_host = ggml_backend_buft_is_host(buft);
+                row.model   = data.model;
+                row.context = data.context;
+                row.compute = data.compute;
+            }
+            ++n;
+        }
+        return n;
+    } catch (...) {
+        return -1;
+    }
+}
+
+int32_t pyllm_model_n_layer(const struct llama_model * model) {
+    return static_cast<int32_t>(model->hparams.n_layer());
+}
+
+int32_t pyllm_model_n_embd_head_k(const struct llama_model * model, int32_t il) {
+    return static_cast<int32_t>(model->hparams.n_embd_head_k(static_cast<uint32_t>(il)));
+}
+
+int32_t pyllm_model_n_embd_head_v(const struct llama_model * model, int32_t il) {
+    return static_cast<int32_t>(model->hparams.n_embd_head_v(static_cast<uint32_t>(il)));
+}
+
+// Mirrors the check in llama_init_from_model (llama-context.cpp) that refuses different K and V types.
+bool pyllm_model_requires_equal_kv_types(const struct llama_model * model) {
+    return model->hparams.is_mla() || model->arch == LLM_ARCH_DEEPSEEK4;
+}
+
+bool pyllm_context_flash_attn(const struct llama_context * ctx) {
+    return ctx->get_cparams().flash_attn;
+}
+
+}  // extern "C"

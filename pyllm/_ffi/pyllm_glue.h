@@ -1,0 +1,50 @@
+/* pyllm's C glue, declared for both the cffi-generated C and glue.cpp. */
+#ifndef PYLLM_GLUE_H
+#define PYLLM_GLUE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+const char * pyllm_build_version(void);
+const char * pyllm_build_llama_commit(void);
+const char * pyllm_build_backends(void);
+const char * pyllm_build_cuda_archs(void);
+const char * pyllm_build_fa_quants(void);
+
+bool pyllm_abort_callback(void * data);
+void pyllm_abort_set(int * flag, int value);
+
+void    pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
+                         llama_seq_id seq_id, bool logits_last, bool logits_all);
+int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
+                         llama_seq_id seq_id);
+int32_t pyllm_argmax_logits(struct llama_context * ctx, int32_t idx, int32_t n_vocab);
+
+typedef struct pyllm_buft_memory {
+    char     name[64];
+    bool     is_host;
+    uint64_t model;
+    uint64_t context;
+    uint64_t compute;
+} pyllm_buft_memory;
+int32_t pyllm_memory_breakdown(const struct llama_context * ctx, pyllm_buft_memory * out, int32_t n_max);
+
+/* Model shape as llama.cpp's hparams see it: per-layer K/V head sizes (what the KV block size must
+   divide), and whether the model uses MLA (K and V cache types must then be equal). */
+int32_t pyllm_model_n_layer(const struct llama_model * model);
+int32_t pyllm_model_n_embd_head_k(const struct llama_model * model, int32_t il);
+int32_t pyllm_model_n_embd_head_v(const struct llama_model * model, int32_t il);
+bool    pyllm_model_requires_equal_kv_types(const struct llama_model * model);
+
+/* Whether flash attention is in effect for this context (llama.cpp resolves "auto" at creation). */
+bool pyllm_context_flash_attn(const struct llama_context * ctx);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,51 @@
+"""What this build of pyllm is: version, llama.cpp pin, backends, CUDA choices, KV types."""
+from __future__ import annotations
+
+from typing import Any
+
+from pyllm._ffi import ffi, lib
+from pyllm.kvtypes import KV_CACHE_TYPES
+
+
+def _s(ptr) -> str:
+    return ffi.string(ptr).decode() if ptr != ffi.NULL else ""
+
+
+def fa_kernel_pairs(fa_quants: str) -> list[tuple[str, str]]:
+    """The K/V pairs with compiled CUDA flash-attention kernels, from GGML_CUDA_FA_QUANTS."""
+    types = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
+    if not fa_quants:
+        return []
+    if fa_quants.strip().lower() == "all":
+        return [(k, v) for k in types for v in types]
+    pairs = [("f16", "f16")]  # always compiled by ggml
+    for item in fa_quants.replace(";", ",").split(","):
+        k, _, v = item.strip().lower().partition("-")
+        if k and v and (k, v) not in pairs:
+            pairs.append((k, v))
+    return pairs
+
+
+def build_info() -> dict[str, Any]:
+    """The build identity baked into the extension, plus what llama.cpp reports at run time."""
+    backends = [b for b in _s(lib.pyllm_build_backends()).split(",") if b]
+    fa_quants = _s(lib.pyllm_build_fa_quants())
+    cuda = "CUDA" in backends
+    return {
+        "version": _s(lib.pyllm_build_version()),
+        "llama_cpp_commit": _s(lib.pyllm_build_llama_commit()),
+        "llama_cpp_version": _s(lib.llama_version()),
+        "backends": backends,
+        "cuda_architectures": [a for a in _s(lib.pyllm_build_cuda_archs()).split(",") if a] if cuda else [],
+        "cuda_fa_quants": fa_quants if cuda else None,
+        "cuda_fa_kernel_pairs": ["-".join(p) for p in fa_kernel_pairs(fa_quants)] if cuda else [],
+        "supports_gpu_offload": bool(lib.llama_supports_gpu_offload()),
+        "supports_mmap": bool(lib.llama_supports_mmap()),
+        "supports_mlock": bool(lib.llama_supports_mlock()),
+        "kv_cache_types": list(KV_CACHE_TYPES),
+        "system_info": _s(lib.llama_print_system_info()).strip(),
+    }
+
+
+def has_cuda() -> bool:
+    return "CUDA" in _s(lib.pyllm_build_backends()).split(",")

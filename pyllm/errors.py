@@ -1,0 +1,84 @@
+"""pyllm's exception hierarchy.
+
+Every error inherits from :class:`PyllmError` and from the builtin that fits it, so
+``except ValueError`` keeps working for callers who do not know pyllm's classes.
+"""
+from __future__ import annotations
+
+
+class PyllmError(Exception):
+    """Base class of every error pyllm raises."""
+
+
+class ConfigError(PyllmError, ValueError):
+    """A configuration value is invalid: the message names the field, the value and what is accepted."""
+
+
+class KVCacheConfigError(ConfigError):
+    """The requested K/V cache types cannot work with this model or flash-attention setting."""
+
+
+class ClosedError(PyllmError, ValueError):
+    """A model, context, sampler or batch was used after close()."""
+
+
+class ModelLoadError(PyllmError, OSError):
+    """llama.cpp could not load a model file; the message carries the path and llama.cpp's reason."""
+
+
+class ContextError(PyllmError, RuntimeError):
+    """llama.cpp could not create a context (for example, out of memory for the KV cache)."""
+
+
+class TokenizeError(PyllmError, ValueError):
+    """Text could not be tokenized, or token ids are outside the vocabulary."""
+
+
+class ChatTemplateError(PyllmError, ValueError):
+    """A chat template is missing or not one llama.cpp's built-in matcher knows."""
+
+
+class ContextFullError(PyllmError, ValueError):
+    """The prompt plus the requested tokens do not fit in the context (n_ctx)."""
+
+
+class DecodeError(PyllmError, RuntimeError):
+    """llama_decode failed; the subclass tells which of its documented return codes it was."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class NoKVSlotError(DecodeError):
+    """llama_decode returned 1: no KV cache slot for the batch (reduce the batch or grow n_ctx)."""
+
+
+class DecodeAbortedError(DecodeError):
+    """llama_decode returned 2: aborted through the abort callback (processed ubatches stay in memory)."""
+
+
+class InvalidBatchError(DecodeError, ValueError):
+    """llama_decode returned -1: the batch was invalid."""
+
+
+class FatalDecodeError(DecodeError):
+    """llama_decode returned < -1: a fatal error (processed ubatches stay in memory)."""
+
+
+_DECODE_ERRORS = {
+    1: (NoKVSlotError, "could not find a KV slot for the batch (reduce the batch size or increase n_ctx)"),
+    2: (DecodeAbortedError, "aborted"),
+    -1: (InvalidBatchError, "invalid input batch"),
+}
+
+
+def check_decode(rc: int, detail: str = "") -> None:
+    """The one place that interprets llama_decode's return code."""
+    if rc == 0:
+        return
+    cls, what = _DECODE_ERRORS.get(rc, (FatalDecodeError, "fatal error"))
+    msg = f"llama_decode returned {rc}: {what}"
+    if detail:
+        msg += f" ({detail})"
+    raise cls(msg, rc)

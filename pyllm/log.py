@@ -1,0 +1,121 @@
+"""Route llama.cpp's and ggml's native log messages into Python ``logging``.
+
+Messages go to the ``pyllm.native`` logger (quiet at WARNING unless the application
+configures it). Recent WARN/ERROR lines are kept in a small ring buffer so that an
+exception can carry llama.cpp's own reason (llama.cpp has no ``error_last()``), and a
+thread can capture every line emitted during one native call (``capture()``).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+from typing import Iterator
+
+from pyllm._ffi import ffi, lib
+
+logger = logging.getLogger("pyllm.native")
+
+_LEVELS = {
+    int(lib.GGML_LOG_LEVEL_DEBUG): logging.DEBUG,
+    int(lib.GGML_LOG_LEVEL_INFO): logging.INFO,
+    int(lib.GGML_LOG_LEVEL_WARN): logging.WARNING,
+    int(lib.GGML_LOG_LEVEL_ERROR): logging.ERROR,
+    int(lib.GGML_LOG_LEVEL_NONE): logging.INFO,
+}
+_CONT = int(lib.GGML_LOG_LEVEL_CONT)
+
+_recent: collections.deque[str] = collections.deque(maxlen=32)
+_local = threading.local()
+_installed = False
+_install_lock = threading.Lock()
+
+
+class _LineAssembler:
+    """llama.cpp emits partial lines (progress dots, CONT continuations); log whole lines only."""
+
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.parts: list[str] = []
+
+    def feed(self, level: int, text: str) -> list[tuple[int, str]]:
+        if level != _CONT:
+            self.level = _LEVELS.get(level, logging.INFO)
+        self.parts.append(text)
+        if not text.endswith("\n"):
+            return []
+        lines = "".join(self.parts).splitlines()
+        self.parts.clear()
+        return [(self.level, line) for line in lines if line.strip()]
+
+
+def _assembler() -> _LineAssembler:
+    asm = getattr(_local, "asm", None)
+    if asm is None:
+        asm = _local.asm = _LineAssembler()
+    return asm
+
+
+def _emit(level: int, line: str) -> None:
+    if level >= logging.WARNING:
+        _recent.append(line)
+    for sink in getattr(_local, "captures", ()):
+        sink.append(line)
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", line)
+
+
+@ffi.def_extern()
+def _pyllm_log_callback(level, text, user_data):  # noqa: ARG001 - signature fixed by ggml_log_callback
+    # Runs inside C: it must never raise (there is nobody to catch it).
+    try:
+        if text == ffi.NULL:
+            return
+        for lvl, line in _assembler().feed(int(level), ffi.string(text).decode("utf-8", "replace")):
+            _emit(lvl, line)
+    except Exception:  # pragma: no cover - defensive
+        pass
+
+
+def install() -> None:
+    """Install the native log callback once per process (idempotent)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+        lib.llama_log_set(lib._pyllm_log_callback, ffi.NULL)
+        _installed = True
+
+
+def recent_errors(n: int = 8) -> list[str]:
+    """The last native WARN/ERROR lines, oldest first."""
+    return list(_recent)[-n:]
+
+
+def clear_recent() -> None:
+    _recent.clear()
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+    """Collect every native log line this thread emits inside the block (whatever the logger level)."""
+    sink: list[str] = []
+    stack = getattr(_local, "captures", None)
+    if stack is None:
+        stack = _local.captures = []
+    stack.append(sink)
+    try:
+        yield sink
+    finally:
+        stack.remove(sink)
+
+
+def reason_from(lines: list[str], n: int = 3) -> str:
+    """A short reason for an exception: the last error/warning-looking lines captured."""
+    picked = [ln.strip() for ln in lines if any(w in ln.lower() for w in ("error", "fail", "invalid", "unknown", "not ", "corrupt", "exceed", "unable", "cannot"))]
+    if not picked:
+        picked = [ln.strip() for ln in lines]
+    return "; ".join(picked[-n:])

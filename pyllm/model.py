@@ -1,0 +1,324 @@
+"""A loaded GGUF model: metadata, vocabulary, tokenization, chat templates."""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+
+from pyllm import log as native_log
+from pyllm._ffi import ffi, lib
+from pyllm._handle import NativeHandle
+from pyllm.errors import ChatTemplateError, ModelLoadError, TokenizeError
+
+if TYPE_CHECKING:
+    from pyllm.context import Context
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+GGUF_MAGIC = b"GGUF"
+
+
+def ensure_backend() -> None:
+    """llama_backend_init once per process, with native logs routed to Python first."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            native_log.install()
+            lib.llama_backend_init()
+            _backend_ready = True
+
+
+def _check_model_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"model path is a directory, not a GGUF file: {path}")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if not magic:
+        raise ModelLoadError(f"model file is empty: {path}")
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {path}")
+
+
+class Model(NativeHandle):
+    """A llama.cpp model. Close it (or use ``with``) to free its memory; closing closes its contexts."""
+
+    _kind = "model"
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        n_gpu_layers: int = 0,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        vocab_only: bool = False,
+        no_alloc: bool = False,
+    ) -> None:
+        ensure_backend()
+        self.path = Path(os.fspath(path))
+        _check_model_file(self.path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = -1 if n_gpu_layers < 0 else n_gpu_layers
+        if use_mmap and use_mlock:
+            params.load_mode = lib.LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif use_mlock:
+            params.load_mode = lib.LLAMA_LOAD_MODE_MLOCK
+        elif use_mmap:
+            params.load_mode = lib.LLAMA_LOAD_MODE_MMAP
+        else:
+            params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        params.no_alloc = no_alloc
+        with native_log.capture() as lines:
+            ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        if ptr == ffi.NULL:
+            reason = native_log.reason_from(lines) or "llama.cpp gave no reason"
+            raise ModelLoadError(f"cannot load model {self.path}: {reason}")
+        super().__init__(ptr, lib.llama_model_free)
+        self.vocab_only = vocab_only
+        self.no_alloc = no_alloc
+        self.n_gpu_layers = n_gpu_layers
+        self._init_common()
+
+    @classmethod
+    def from_address(cls, address: int, *, owned: bool = False) -> "Model":
+        """Wrap a ``llama_model *`` created by other C code; by default pyllm never frees it."""
+        self = cls.__new__(cls)
+        NativeHandle.__init__(self, ffi.cast("struct llama_model *", address), lib.llama_model_free, owned=owned)
+        self.path = Path("<foreign>")
+        self.vocab_only = False
+        self.no_alloc = False
+        self.n_gpu_layers = 0
+        self._init_common()
+        return self
+
+    def _init_common(self) -> None:
+        self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
+        self._vocab = lib.llama_model_get_vocab(self._ptr)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._piece_buf = ffi.new("char[]", 256)
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Free the model, closing every context created from it first. Idempotent."""
+        for ctx in list(getattr(self, "_contexts", ())):
+            ctx.close()
+        self._release()
+
+    def _register_context(self, ctx: "Context") -> None:
+        self._contexts.add(ctx)
+
+    @property
+    def vocab_ptr(self):
+        self.ptr  # raises when closed
+        return self._vocab
+
+    # ---- metadata ----
+    def _str_call(self, fn, *args) -> str:
+        size = 256
+        while True:
+            buf = ffi.new("char[]", size)
+            n = fn(self.ptr, *args, buf, size)
+            if n < 0:
+                return ""
+            if n < size:
+                return ffi.string(buf, n).decode("utf-8", "replace")
+            size = n + 1
+
+    def meta(self, key: str) -> Optional[str]:
+        """One GGUF metadata value as text, or None when absent."""
+        size = 256
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return ffi.string(buf, n).decode("utf-8", "replace")
+            size = n + 1
+
+    def metadata(self) -> dict[str, str]:
+        out = {}
+        for i in range(int(lib.llama_model_meta_count(self.ptr))):
+            key = self._str_call(lib.llama_model_meta_key_by_index, i)
+            out[key] = self._str_call(lib.llama_model_meta_val_str_by_index, i)
+        return out
+
+    @property
+    def desc(self) -> str:
+        return self._str_call(lib.llama_model_desc)
+
+    @property
+    def architecture(self) -> str:
+        return self.meta("general.architecture") or ""
+
+    @property
+    def size(self) -> int:
+        """Bytes of all weight tensors (llama_model_size)."""
+        return int(lib.llama_model_size(self.ptr))
+
+    @property
+    def n_params(self) -> int:
+        return int(lib.llama_model_n_params(self.ptr))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(lib.llama_model_n_ctx_train(self.ptr))
+
+    @property
+    def n_embd(self) -> int:
+        return int(lib.llama_model_n_embd(self.ptr))
+
+    @property
+    def n_layer(self) -> int:
+        return int(lib.llama_model_n_layer(self.ptr))
+
+    @property
+    def n_head(self) -> int:
+        return int(lib.llama_model_n_head(self.ptr))
+
+    @property
+    def n_head_kv(self) -> int:
+        return int(lib.llama_model_n_head_kv(self.ptr))
+
+    @property
+    def n_swa(self) -> int:
+        return int(lib.llama_model_n_swa(self.ptr))
+
+    def head_sizes(self) -> tuple[list[int], list[int]]:
+        """Per-layer K and V head sizes as llama.cpp's hparams see them."""
+        n = int(lib.pyllm_model_n_layer(self.ptr))
+        ks = [int(lib.pyllm_model_n_embd_head_k(self._ptr, i)) for i in range(n)]
+        vs = [int(lib.pyllm_model_n_embd_head_v(self._ptr, i)) for i in range(n)]
+        return ks, vs
+
+    @property
+    def requires_equal_kv_types(self) -> bool:
+        """True for MLA models (DeepSeek-style), whose K and V caches must use one type."""
+        return bool(lib.pyllm_model_requires_equal_kv_types(self.ptr))
+
+    def chat_template(self, name: Optional[str] = None) -> Optional[str]:
+        p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+    # ---- vocabulary ----
+    @property
+    def bos(self) -> int:
+        return int(lib.llama_vocab_bos(self.vocab_ptr))
+
+    @property
+    def eos(self) -> int:
+        return int(lib.llama_vocab_eos(self.vocab_ptr))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(lib.llama_vocab_get_add_bos(self.vocab_ptr))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(self.vocab_ptr, token))
+
+    def check_tokens(self, tokens: Iterable[int]) -> None:
+        """Raise TokenizeError for any id outside [0, n_vocab): llama.cpp would read out of bounds."""
+        n = self.n_vocab
+        for i, t in enumerate(tokens):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
+                raise TokenizeError(f"token id {t!r} at index {i} is outside the vocabulary; expected 0 <= id < {n}")
+
+    def tokenize(self, text: Union[str, bytes], *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text to token ids. ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` maps
+        special-token text (e.g. ``<start_of_turn>``) to its id instead of treating it as plain text."""
+        if isinstance(text, str):
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise TokenizeError(f"text is not valid Unicode (lone surrogate at index {exc.start}); "
+                                    "expected a str encodable as UTF-8") from None
+        elif isinstance(text, (bytes, bytearray)):
+            data = bytes(text)
+        else:
+            raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str or bytes")
+        if len(data) > 2**31 - 1:
+            raise TokenizeError(f"text of {len(data)} bytes is too long; llama.cpp takes at most 2**31-1")
+        vocab = self.vocab_ptr
+        n_max = len(data) + 8  # a first guess; a negative return says how many are needed
+        while True:
+            toks = ffi.new("llama_token[]", n_max)
+            n = lib.llama_tokenize(vocab, data, len(data), toks, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(ffi.unpack(toks, n))
+            if n == -(2**31):
+                raise TokenizeError(f"tokenizing {len(data)} bytes overflows llama.cpp's int32 token count")
+            n_max = -n
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a multi-byte UTF-8 character)."""
+        vocab = self.vocab_ptr
+        buf = self._piece_buf
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            self._piece_buf = buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+        return ffi.unpack(buf, n)
+
+    def detokenize(self, tokens: Sequence[int], *, remove_special: bool = False, unparse_special: bool = False) -> str:
+        """Token ids back to text (invalid UTF-8 from partial characters is replaced)."""
+        self.check_tokens(tokens)
+        vocab = self.vocab_ptr
+        arr = ffi.new("llama_token[]", list(tokens))
+        size = max(16, len(tokens) * 8)
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_detokenize(vocab, arr, len(tokens), buf, size, remove_special, unparse_special)
+            if n >= 0:
+                return ffi.unpack(buf, n).decode("utf-8", "replace")
+            size = -n
+
+    def apply_chat_template(
+        self, messages: Sequence[dict], *, template: Optional[str] = None, add_assistant: bool = True
+    ) -> str:
+        """Format chat messages with llama.cpp's built-in template matcher (the model's template by default)."""
+        tmpl = template if template is not None else self.chat_template()
+        if not tmpl:
+            raise ChatTemplateError(f"model {self.path.name} has no chat template; pass a template (MODEL_CHAT_TEMPLATE)")
+        keep = []
+        msgs = ffi.new("llama_chat_message[]", len(messages))
+        for i, m in enumerate(messages):
+            try:
+                role, content = m["role"], m["content"]
+            except (KeyError, TypeError):
+                raise ChatTemplateError(f"message {i} is {m!r}; expected a dict with 'role' and 'content'") from None
+            r, c = ffi.new("char[]", str(role).encode()), ffi.new("char[]", str(content).encode())
+            keep += (r, c)
+            msgs[i].role, msgs[i].content = r, c
+        tmpl_c = tmpl.encode()
+        total = sum(len(str(m["content"])) + len(str(m["role"])) for m in messages)
+        size = max(256, 2 * total + 256)
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_chat_apply_template(tmpl_c, msgs, len(messages), add_assistant, buf, size)
+            if n < 0:
+                raise ChatTemplateError(
+                    "llama.cpp's built-in templates do not recognise this chat template; "
+                    f"use one of: {', '.join(builtin_chat_templates())}"
+                )
+            if n <= size:
+                return ffi.unpack(buf, n).decode("utf-8", "replace")
+            size = n + 1
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.desc!r}"
+        return f"<pyllm.Model {self.path.name} {state}>"
+
+
+def builtin_chat_templates() -> list[str]:
+    n = int(lib.llama_chat_builtin_templates(ffi.NULL, 0))
+    arr = ffi.new("const char *[]", n)
+    lib.llama_chat_builtin_templates(arr, n)
+    return [ffi.string(arr[i]).decode() for i in range(n)]
