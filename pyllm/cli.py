@@ -1,0 +1,162 @@
+"""The ``pyllm`` command line: flags and names follow llama.cpp's tools."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from pyllm.errors import PyllmError
+
+log = logging.getLogger("pyllm")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF model file (env MODEL_PATH; default: the default model)")
+    p.add_argument("-c", "--ctx-size", type=int, help="context length in tokens (env MAX_CONTEXT_LENGTH; default 4096)")
+    p.add_argument("-b", "--batch-size", type=int, help="logical batch size (env LLAMA_BATCH_SIZE)")
+    p.add_argument("-ub", "--ubatch-size", type=int, help="physical batch size (env LLAMA_UBATCH_SIZE)")
+    p.add_argument("-t", "--threads", type=int, help="threads (env LLAMA_THREADS; default: available CPUs)")
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int,
+                   help="layers to offload to the GPU (env GPU_LAYERS; 99 = all)")
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), help="flash attention (env FLASH_ATTN; default auto)")
+    p.add_argument("-ctk", "--cache-type-k", help="K cache type (env KV_CACHE_TYPE_K / KV_CACHE_TYPE)")
+    p.add_argument("-ctv", "--cache-type-v", help="V cache type (env KV_CACHE_TYPE_V / KV_CACHE_TYPE)")
+    p.add_argument("--kv-cache-type", help="K and V cache type (env KV_CACHE_TYPE)")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from pyllm.config import EngineConfig
+
+    over = {}
+    for attr, field_name in (("model", "model_path"), ("ctx_size", "n_ctx"), ("batch_size", "n_batch"),
+                             ("ubatch_size", "n_ubatch"), ("threads", "n_threads"), ("gpu_layers", "n_gpu_layers"),
+                             ("flash_attn", "flash_attn")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            over[field_name] = value
+    if getattr(args, "seed", None) is not None:
+        over["seed"] = args.seed
+    both = getattr(args, "kv_cache_type", None)
+    k = getattr(args, "cache_type_k", None) or both
+    v = getattr(args, "cache_type_v", None) or both
+    if k is not None:
+        over["kv_cache_type_k"] = k
+    if v is not None:
+        over["kv_cache_type_v"] = v
+    if "n_gpu_layers" in over and over["n_gpu_layers"] < -1:
+        over["n_gpu_layers"] = -1
+    return EngineConfig.from_env(**over)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pyllm import default_model
+    from pyllm.buildinfo import build_info
+
+    info = build_info()
+    info["default_model"] = default_model.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"pyllm {info['version']}")
+    print(f"llama.cpp commit: {info['llama_cpp_commit']} (version {info['llama_cpp_version']})")
+    print(f"backends: {', '.join(info['backends'])}")
+    if "CUDA" in info["backends"]:
+        print(f"CUDA architectures: {', '.join(info['cuda_architectures'])}")
+        print(f"CUDA flash-attention K-V pairs: {', '.join(info['cuda_fa_kernel_pairs'])}")
+    print(f"GPU offload: {'yes' if info['supports_gpu_offload'] else 'no'}")
+    print(f"KV cache types: {', '.join(info['kv_cache_types'])}")
+    dm = info["default_model"]
+    where = dm["path"] if dm["installed"] else f"not installed ({dm['package']})"
+    print(f"default model: {dm['name']} at {where}")
+    print(f"system info: {info['system_info']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pyllm.engine import Engine
+    from pyllm.sampling import SamplingParams
+
+    config = _config_from_args(args)
+    sampling = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty,
+                              seed=args.seed if args.seed is not None else config.seed)
+    max_tokens = None if args.n_predict < 0 else args.n_predict
+    with Engine(config) as engine:
+        gen = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat)
+        out = sys.stdout
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                result = done.value
+                break
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        kv = engine.kv_cache_bytes()
+        ctx = engine.context
+        print(
+            f"KV cache: K {kv.type_k} / V {kv.type_v}, {kv.total_mib:.2f} MiB for n_ctx={ctx.n_ctx} "
+            f"(flash attention {'on' if ctx.flash_attn else 'off'}) | prompt: {result.n_prompt} tokens, "
+            f"{result.prompt_tps:.1f} t/s | generation: {result.n_generated} tokens, {result.gen_tps:.1f} t/s "
+            f"| stop: {result.stop_reason}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pyllm.version import VERSION
+
+    parser = argparse.ArgumentParser(prog="pyllm", description="llama.cpp from Python, with KV-cache quantization")
+    parser.add_argument("--version", action="version", version=f"pyllm {VERSION}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: pyllm INFO logs, -vv: llama.cpp's too")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="build identity: version, llama.cpp pin, backends, KV types")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="stream a completion to stdout")
+    p.add_argument("prompt", help="the prompt text")
+    _add_model_args(p)
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until end or full context)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (env LLAMA_SEED; default random)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="format the prompt with the chat template")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("pyllm").setLevel(logging.INFO)
+    if args.verbose < 2:
+        logging.getLogger("pyllm.native").setLevel(logging.ERROR)
+    else:
+        logging.getLogger("pyllm.native").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except PyllmError as exc:
+        print(f"pyllm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\npyllm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""A llama.cpp context: the KV cache (with its data types), decoding, logits, memory accounting."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pyllm import log as native_log
+from pyllm._ffi import ffi, lib
+from pyllm._handle import NativeHandle
+from pyllm.buildinfo import fa_kernel_pairs, has_cuda
+from pyllm.errors import (
+    ClosedError,
+    ContextError,
+    ContextFullError,
+    KVCacheConfigError,
+    PyllmError,
+    check_decode,
+)
+from pyllm.kvtypes import KV_CACHE_TYPES, block_size, is_quantized, parse_kv_cache_type
+from pyllm.model import Model
+
+logger = logging.getLogger("pyllm")
+
+_FA = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED", "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
+# llama_kv_cache's own accounting line, one per cache (two for sliding-window models).
+_KV_LINE = re.compile(
+    r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*?K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB"
+)
+_MIB = 1024 * 1024
+_warned_fa_pairs: set[tuple[str, str]] = set()
+
+
+def default_threads() -> int:
+    """Threads when none are given: the CPUs this process may run on (as llama-bench's default on
+    machines without SMT), not llama.cpp's fixed 4, which oversubscribes small machines."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ConcurrentUseError(PyllmError, RuntimeError):
+    """Two threads used one context at once; a context serves one thread at a time."""
+
+
+@dataclass(frozen=True)
+class KVCacheBytes:
+    """The KV cache as llama.cpp allocated it.
+
+    ``total`` is exact (llama.cpp's memory breakdown of the context's buffers); ``k`` and ``v``
+    split it as llama_kv_cache reported at allocation (MiB with two decimals, per cache),
+    scaled so that ``k + v == total``. ``devices`` maps buffer type (CPU, CUDA0, ...) to bytes.
+    """
+
+    k: int
+    v: int
+    total: int
+    type_k: str
+    type_v: str
+    n_cells: tuple[int, ...] = ()
+    devices: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_mib(self) -> float:
+        return self.total / _MIB
+
+
+def memory_breakdown(ptr) -> list[dict]:
+    """llama.cpp's own memory accounting of a context: per buffer type, model/context/compute bytes."""
+    n = 16
+    while True:
+        rows = ffi.new("pyllm_buft_memory[]", n)
+        got = int(lib.pyllm_memory_breakdown(ptr, rows, n))
+        if got < 0:
+            raise ContextError("llama.cpp could not report its memory breakdown")
+        if got <= n:
+            return [
+                {
+                    "name": ffi.string(r.name).decode(),
+                    "is_host": bool(r.is_host),
+                    "model": int(r.model),
+                    "context": int(r.context),
+                    "compute": int(r.compute),
+                }
+                for r in (rows[i] for i in range(got))
+            ]
+        n = got
+
+
+class Batch(NativeHandle):
+    """One reusable llama_batch of up to ``capacity`` tokens for one sequence."""
+
+    _kind = "batch"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"batch capacity {capacity} must be positive")
+        b = ffi.new("llama_batch *", lib.llama_batch_init(capacity, 0, 1))
+        self._struct = b
+        # The destructor closes over b so the struct outlives the gc safety net that frees its arrays.
+        super().__init__(b, lambda _p, b=b: lib.llama_batch_free(b[0]))
+        self.capacity = capacity
+
+
+def validate_kv_types(model: Model, type_k: str, type_v: str, flash_attn: str) -> None:
+    """Check what llama.cpp would refuse (or abort on) for these K/V types, before calling it."""
+    for side, name in (("K", type_k), ("V", type_v)):
+        if parse_kv_cache_type(name) is None:
+            raise KVCacheConfigError(f"{side} cache type {name!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
+    if is_quantized(type_v) and flash_attn == "off":
+        raise KVCacheConfigError(
+            f"quantized V cache ({type_v}) requires flash attention, but flash_attn is 'off'; "
+            "use -fa on or auto, or an unquantized V type (f16, bf16, f32)"
+        )
+    if model.requires_equal_kv_types and type_k != type_v:
+        raise KVCacheConfigError(
+            f"model {model.path.name} ({model.architecture}, MLA) requires equal K and V cache types, "
+            f"got K={type_k} V={type_v}; use one type for both (e.g. KV_CACHE_TYPE={type_k})"
+        )
+    if flash_attn == "off":
+        return
+    heads_k, heads_v = model.head_sizes()
+    for side, name, heads in (("K", type_k, heads_k), ("V", type_v, heads_v)):
+        if not is_quantized(name):
+            continue
+        blck = block_size(parse_kv_cache_type(name))
+        bad = sorted({h for h in heads if h % blck})
+        if bad:
+            raise KVCacheConfigError(
+                f"{side} cache type {name} has block size {blck}, which does not divide the model's "
+                f"{side} head size {bad[0]}; use a type whose block divides it (f16, bf16, f32)"
+            )
+
+
+def warn_missing_fa_kernel(type_k: str, type_v: str) -> None:
+    """CUDA builds compile flash-attention kernels for a set of K/V pairs only; others run slowly."""
+    from pyllm.buildinfo import build_info
+
+    if not has_cuda():
+        return
+    pairs = fa_kernel_pairs(build_info()["cuda_fa_quants"] or "")
+    if (type_k, type_v) in pairs or (type_k, type_v) in _warned_fa_pairs:
+        return
+    _warned_fa_pairs.add((type_k, type_v))
+    warnings.warn(
+        f"this CUDA build has no flash-attention kernel for K={type_k} V={type_v} "
+        f"(compiled: {', '.join('-'.join(p) for p in pairs)}); it will run slowly. Rebuild with "
+        f"PYLLM_CUDA_FA_QUANTS='{type_k}-{type_v}' (or 'all') to add it.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class Context(NativeHandle):
+    """A context of a model: KV cache of n_ctx cells with the requested K/V data types.
+
+    It keeps its model alive; closing the model closes it first. One thread at a time.
+    """
+
+    _kind = "context"
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        flash_attn: str = "auto",
+        type_k: Optional[str] = None,
+        type_v: Optional[str] = None,
+        offload_kqv: bool = True,
+        no_perf: bool = True,
+        swa_full: bool = False,
+    ) -> None:
+        model.ptr  # raises ClosedError on a closed model
+        if flash_attn not in _FA:
+            raise KVCacheConfigError(f"flash_attn={flash_attn!r} is not valid; expected one of: auto, on, off")
+        for name, value, minimum in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value > 2**31 - 1:
+                raise ContextError(f"{name}={value!r} is out of range; expected an integer >= {minimum}")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
+                raise ContextError(f"{name}={value!r} is out of range; expected an integer in [1, 1024] or None")
+        if model.vocab_only:
+            raise ContextError(f"model {model.path.name} was loaded vocab_only; load its weights to create a context")
+        self.type_k = (type_k or "f16").strip().lower()
+        self.type_v = (type_v or "f16").strip().lower()
+        validate_kv_types(model, self.type_k, self.type_v, flash_attn)
+        warn_missing_fa_kernel(self.type_k, self.type_v)
+
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = 1
+        params.n_threads = n_threads or default_threads()
+        params.n_threads_batch = n_threads_batch or params.n_threads
+        params.flash_attn_type = getattr(lib, _FA[flash_attn])
+        params.type_k = parse_kv_cache_type(self.type_k)
+        params.type_v = parse_kv_cache_type(self.type_v)
+        params.offload_kqv = offload_kqv
+        params.no_perf = no_perf
+        params.swa_full = swa_full
+        # Abort through a C-level flag: the callback runs between graph nodes and never enters Python.
+        self._abort_flag = ffi.new("int *", 0)
+        params.abort_callback = lib.pyllm_abort_callback
+        params.abort_callback_data = self._abort_flag
+
+        with native_log.capture() as lines:
+            ptr = lib.llama_init_from_model(model.ptr, params)
+        if ptr == ffi.NULL:
+            reason = native_log.reason_from(lines) or "llama.cpp gave no reason"
+            raise ContextError(f"cannot create a context (n_ctx={n_ctx}, K={self.type_k}, V={self.type_v}): {reason}")
+        super().__init__(ptr, lib.llama_free)
+        self.model = model
+        model._register_context(self)
+        self._init_state(lines)
+        if type_k is not None:
+            logger.info("KV cache K type set to: %s", self.type_k)
+        if type_v is not None:
+            logger.info("KV cache V type set to: %s", self.type_v)
+        logger.info("flash attention: %s (requested %s); KV cache: %.2f MiB for %d tokens",
+                    "on" if self.flash_attn else "off", flash_attn, self.kv_cache_bytes().total_mib, self.n_ctx)
+
+    def _init_state(self, lines: Sequence[str]) -> None:
+        p = self._ptr
+        self.n_ctx = int(lib.llama_n_ctx(p))
+        self.n_batch = int(lib.llama_n_batch(p))
+        self.n_ubatch = int(lib.llama_n_ubatch(p))
+        self.n_vocab = self.model.n_vocab
+        self.flash_attn = bool(lib.pyllm_context_flash_attn(p))
+        self._kv_lines = [m.groups() for m in map(_KV_LINE.search, lines) if m]
+        self._batch = Batch(self.n_batch)
+        self._memory = lib.llama_get_memory(p)
+        self._busy = threading.Lock()
+        self.n_past = 0  # tokens of sequence 0 in the KV cache, kept by decode()
+
+    @classmethod
+    def from_address(cls, model: Model, address: int, *, owned: bool = False) -> "Context":
+        """Wrap a ``llama_context *`` created by other C code for ``model``; by default never freed here."""
+        self = cls.__new__(cls)
+        NativeHandle.__init__(self, ffi.cast("struct llama_context *", address), lib.llama_free, owned=owned)
+        self.model = model
+        model._register_context(self)
+        self.type_k = self.type_v = "unknown"
+        self._abort_flag = ffi.new("int *", 0)
+        self._init_state(())
+        return self
+
+    def close(self) -> None:
+        """Free the context (and its batch). Idempotent."""
+        batch = getattr(self, "_batch", None)
+        acquired = self._busy.acquire(blocking=False)
+        if not acquired and self._ptr is not None:
+            raise ConcurrentUseError("cannot close a context while another thread is decoding with it")
+        try:
+            self._release()
+            if batch is not None:
+                batch.close()
+        finally:
+            if acquired:
+                self._busy.release()
+
+    # ---- memory accounting ----
+    def memory_breakdown(self) -> list[dict]:
+        return memory_breakdown(self.ptr)
+
+    def kv_cache_bytes(self) -> KVCacheBytes:
+        """K and V cache bytes as llama.cpp allocated them (sliding-window and MLA layouts included)."""
+        rows = self.memory_breakdown()
+        devices = {r["name"]: r["context"] for r in rows if r["context"]}
+        total = sum(devices.values())
+        k_mib = sum(float(g[4]) for g in self._kv_lines)
+        v_mib = sum(float(g[6]) for g in self._kv_lines)
+        if k_mib + v_mib > 0:
+            k = round(total * k_mib / (k_mib + v_mib))
+        else:
+            k = total // 2
+        return KVCacheBytes(k=k, v=total - k, total=total, type_k=self.type_k, type_v=self.type_v,
+                            n_cells=tuple(int(g[1]) for g in self._kv_lines), devices=devices)
+
+    # ---- decoding ----
+    def _enter(self):
+        p = self.ptr
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError("this context is in use by another thread; use one context per thread")
+        return p
+
+    def decode(self, tokens: Sequence[int], *, logits: str = "last") -> None:
+        """Append tokens to sequence 0 in n_batch chunks. ``logits``: 'last', 'all' or 'none'."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("cannot decode an empty token list")
+        if self.n_past + n > self.n_ctx:
+            raise ContextFullError(f"{n} tokens after {self.n_past} do not fit in n_ctx={self.n_ctx}")
+        self.model.check_tokens(tokens)
+        arr = np.ascontiguousarray(tokens, dtype=np.int32)
+        p = self._enter()
+        try:
+            self._abort_flag[0] = 0
+            b = self._batch._struct
+            step = self.n_batch
+            for start in range(0, n, step):
+                chunk = arr[start : start + step]
+                last = start + len(chunk) >= n
+                lib.pyllm_batch_fill(b, ffi.from_buffer("llama_token[]", chunk), len(chunk), self.n_past, 0,
+                                     last and logits == "last", logits == "all")
+                rc = lib.llama_decode(p, b[0])
+                if rc != 0:
+                    self._resync_after_failure()
+                    check_decode(rc, f"at position {self.n_past}")
+                self.n_past += len(chunk)
+        finally:
+            self._busy.release()
+
+    def decode_one(self, token: int) -> None:
+        """Append one token (with logits): the per-token generation step."""
+        if not 0 <= token < self.n_vocab:
+            self.model.check_tokens((token,))
+        if self.n_past >= self.n_ctx:
+            raise ContextFullError(f"context full: n_ctx={self.n_ctx} tokens")
+        p = self._enter()
+        try:
+            rc = lib.pyllm_decode_one(p, self._batch._struct, token, self.n_past, 0)
+            if rc != 0:
+                self._resync_after_failure()
+                check_decode(rc, f"at position {self.n_past}")
+            self.n_past += 1
+        finally:
+            self._busy.release()
+
+    def _resync_after_failure(self) -> None:
+        # After an abort or fatal error, processed ubatches stay in memory: follow llama.cpp's state.
+        self.n_past = int(lib.llama_memory_seq_pos_max(self._memory, 0)) + 1
+
+    def abort(self) -> None:
+        """Ask a running decode (in another thread) to stop at the next graph node."""
+        lib.pyllm_abort_set(self._abort_flag, 1)
+
+    def argmax(self, idx: int = -1) -> int:
+        """The token with the largest logit in output row idx (greedy), read in place."""
+        t = int(lib.pyllm_argmax_logits(self.ptr, idx, self.n_vocab))
+        if t < 0:
+            raise PyllmError(f"no logits for output {idx}: decode with logits first")
+        return t
+
+    def logits(self, idx: int = -1) -> np.ndarray:
+        """Zero-copy float32 view of the logits of output row idx (valid until the next decode)."""
+        ptr = lib.llama_get_logits_ith(self.ptr, idx)
+        if ptr == ffi.NULL:
+            raise PyllmError(f"no logits for output {idx}: decode with logits first")
+        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
+
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """Zero-copy (n_outputs, n_vocab) view of every output row of the last decode(logits='all')."""
+        ptr = lib.llama_get_logits(self.ptr)
+        if ptr == ffi.NULL:
+            raise PyllmError("no logits: decode with logits first")
+        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab * n_outputs), dtype=np.float32).reshape(n_outputs, self.n_vocab)
+
+    def clear(self) -> None:
+        """Empty the KV cache (data included)."""
+        lib.llama_memory_clear(lib.llama_get_memory(self.ptr), True)
+        self.n_past = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first n_keep tokens of the sequence, drop the rest."""
+        if not 0 <= n_keep <= self.n_past:
+            raise ValueError(f"n_keep={n_keep} is out of range; expected 0 <= n_keep <= {self.n_past}")
+        if not lib.llama_memory_seq_rm(lib.llama_get_memory(self.ptr), 0, n_keep, -1):
+            self.clear()
+            return
+        self.n_past = n_keep
+
+    def state_size(self) -> int:
+        return int(lib.llama_state_get_size(self.ptr))
+
+    def perf(self) -> dict:
+        d = lib.llama_perf_context(self.ptr)
+        return {"t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms, "n_p_eval": d.n_p_eval, "n_eval": d.n_eval}
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<pyllm.Context closed>"
+        return f"<pyllm.Context n_ctx={self.n_ctx} K={self.type_k} V={self.type_v} fa={self.flash_attn}>"

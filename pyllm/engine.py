@@ -1,0 +1,224 @@
+"""The engine: a model and one context configured from EngineConfig, and the decode loop."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Generator, Iterator, Optional, Sequence
+
+from pyllm import default_model
+from pyllm.config import EngineConfig
+from pyllm.context import Context, KVCacheBytes
+from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
+from pyllm.model import Model
+from pyllm.sampling import Sampler, SamplingParams
+from pyllm.textstream import TextStream
+
+logger = logging.getLogger("pyllm")
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    n_prompt: int
+    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted
+    prompt_seconds: float = 0.0
+    gen_seconds: float = 0.0
+    n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt_decoded / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        # The first generated token comes from the prompt's logits; the rest each cost one decode.
+        n = max(self.n_generated - 1, 0)
+        return n / self.gen_seconds if self.gen_seconds > 0 and n else 0.0
+
+
+class Engine:
+    """Loads the configured model and creates its context; generates text.
+
+    ``Engine()`` reads the environment (``EngineConfig.from_env()``); without MODEL_PATH it
+    uses the default model. Close it (or use ``with``) to free native memory.
+    """
+
+    def __init__(self, config: Optional[EngineConfig] = None) -> None:
+        self.config = config = config if config is not None else EngineConfig.from_env()
+        path = config.model_path or str(default_model.path())
+        self.model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+        try:
+            self.context = Context(
+                self.model,
+                n_ctx=config.n_ctx,
+                n_batch=config.n_batch,
+                n_ubatch=config.n_ubatch,
+                n_threads=config.n_threads,
+                n_threads_batch=config.n_threads_batch,
+                flash_attn=config.flash_attn,
+                type_k=config.kv_cache_type_k,
+                type_v=config.kv_cache_type_v,
+                offload_kqv=config.offload_kqv,
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        self._cached: list[int] = []   # tokens whose K/V are in the cache, in order
+        self.last_result: Optional[GenerationResult] = None
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        self.model.close()  # closes the context first
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reporting ----
+    def kv_cache_bytes(self) -> KVCacheBytes:
+        return self.context.kv_cache_bytes()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.context.n_ctx
+
+    # ---- prompts ----
+    def format_chat(self, prompt: str) -> str:
+        return self.model.apply_chat_template([{"role": "user", "content": prompt}], template=self.config.chat_template)
+
+    def tokenize_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a str, got {type(prompt).__name__}")
+        if chat:
+            return self.model.tokenize(self.format_chat(prompt), add_special=True, parse_special=True)
+        if prompt == "":
+            raise ConfigError("prompt is empty; expected at least one character")
+        return self.model.tokenize(prompt, add_special=True, parse_special=False)
+
+    def _ingest(self, tokens: list[int]) -> int:
+        """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded."""
+        ctx = self.context
+        keep = 0
+        for a, b in zip(self._cached, tokens[:-1]):  # the last prompt token is always decoded (for logits)
+            if a != b:
+                break
+            keep += 1
+        if keep < ctx.n_past:
+            ctx.truncate(keep)  # may clear everything (sliding-window caches cannot drop a suffix)
+        keep = ctx.n_past
+        self._cached = tokens[:keep]
+        todo = tokens[keep:]
+        ctx.decode(todo, logits="last")
+        self._cached = list(tokens)
+        return len(todo)
+
+    # ---- generation ----
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: Optional[int] = 128,
+        sampling: SamplingParams = GREEDY,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+    ) -> Generator[str, None, GenerationResult]:
+        """Yield the completion as text pieces (whole UTF-8 characters); return the GenerationResult.
+
+        ``max_tokens=None`` generates until an end-of-generation token or a full context.
+        """
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ConfigError(f"max_tokens={max_tokens!r} is out of range; expected an integer >= 0 or None")
+        stops = [s for s in stop if s]
+        if any(not isinstance(s, str) for s in stops):
+            raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
+        prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
+        n_ctx = self.context.n_ctx
+        if len(prompt_tokens) >= n_ctx or (max_tokens is not None and len(prompt_tokens) + max_tokens > n_ctx):
+            want = len(prompt_tokens) + (max_tokens or 0)
+            raise ContextFullError(
+                f"prompt of {len(prompt_tokens)} tokens + max_tokens={max_tokens} = {want} does not fit in "
+                f"n_ctx={n_ctx}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
+            )
+        return (yield from self._run(prompt_tokens, max_tokens, sampling, stops))
+
+    def _run(
+        self, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams, stops: list[str]
+    ) -> Generator[str, None, GenerationResult]:
+        ctx, model = self.context, self.model
+        result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason="max_tokens")
+        self.last_result = result
+        pieces: list[str] = []
+        t0 = time.perf_counter()
+        try:
+            result.n_prompt_decoded = self._ingest(prompt_tokens)
+        except DecodeAbortedError:
+            self._cached = self._cached[: ctx.n_past]
+            result.stop_reason = "aborted"
+            result.prompt_seconds = time.perf_counter() - t0
+            return result
+        t1 = time.perf_counter()
+        result.prompt_seconds = t1 - t0
+
+        sampler = None if sampling.is_plain_greedy else Sampler(sampling, model.n_vocab)
+        text = TextStream(stops)
+        out_tokens = result.tokens
+        cached = self._cached
+        limit = max_tokens if max_tokens is not None else ctx.n_ctx
+        is_eog, piece_of = model.is_eog, model.token_to_piece
+        argmax, decode_one = ctx.argmax, ctx.decode_one
+        try:
+            while len(out_tokens) < limit:
+                token = argmax() if sampler is None else sampler.sample(ctx)
+                if is_eog(token):
+                    result.stop_reason = "eog"
+                    break
+                out_tokens.append(token)
+                piece = text.feed(piece_of(token))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if text.stopped:
+                    result.stop_reason = "stop"
+                    break
+                if len(out_tokens) >= limit:
+                    result.stop_reason = "max_tokens" if max_tokens is not None else "context_full"
+                    break
+                if ctx.n_past >= ctx.n_ctx:
+                    result.stop_reason = "context_full"
+                    break
+                decode_one(token)
+                cached.append(token)
+        except DecodeAbortedError:
+            result.stop_reason = "aborted"
+        finally:
+            del cached[ctx.n_past:]
+            if sampler is not None:
+                sampler.close()
+        rest = text.finish()
+        if rest:
+            pieces.append(rest)
+            yield rest
+        result.gen_seconds = time.perf_counter() - t1
+        result.text = "".join(pieces)
+        return result
+
+    def generate(self, prompt: str, **kwargs) -> GenerationResult:
+        """Generate a completion; keyword arguments as for stream()."""
+        gen = self.stream(prompt, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+

@@ -1,0 +1,47 @@
+"""Shared fixtures: the vendored tree's vocab-only GGUFs and the real default model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENDOR = ROOT / "vendor" / "llama.cpp"
+
+
+@pytest.fixture(scope="session")
+def vocab_spm() -> Path:
+    path = VENDOR / "models" / "ggml-vocab-llama-spm.gguf"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `python3 vendor/fetch.py`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vocab_bpe() -> Path:
+    path = VENDOR / "models" / "ggml-vocab-llama-bpe.gguf"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `python3 vendor/fetch.py`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The real default model (installed by `pip install .[test]`); a missing one fails, never skips."""
+    if os.environ.get("MODEL_PATH"):
+        return Path(os.environ["MODEL_PATH"])
+    from pyllm import default_model
+
+    return default_model.path()
+
+
+@pytest.fixture(scope="session")
+def fetch_module():
+    """vendor/fetch.py loaded as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pyllm_vendor_fetch", ROOT / "vendor" / "fetch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
