@@ -108,6 +108,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pyllm import bench, default_model
+
+    params = bench.BenchParams(
+        model_path=args.model or str(default_model.path()),
+        n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
+        type_k=args.cache_type_k, type_v=args.cache_type_v, flash_attn=args.flash_attn,
+        n_batch=args.batch_size, n_ubatch=args.ubatch_size, n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers, repetitions=args.repetitions,
+    )
+    bar = bench.progress_bar(len(params.tests()), enabled=args.output != "json" and not args.no_progress)
+
+    def progress(label: str) -> None:
+        if bar is not None:
+            bar.set_description(label)
+            bar.update(1)
+
+    try:
+        rows = bench.run_bench(params, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(bench.FORMATS[args.output](rows))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pyllm import default_model, plan
+
+    result = plan.make_plan(
+        args.model or str(default_model.path()), type_k=args.cache_type_k, type_v=args.cache_type_v,
+        n_ctx=args.ctx_size, memory=args.memory, n_gpu_layers=args.gpu_layers, n_batch=args.batch_size,
+        n_ubatch=args.ubatch_size, flash_attn=args.flash_attn, curves=bool(args.plot),
+    )
+    print(result.to_json() if args.json else plan.format_table(result))
+    if args.plot:
+        plan.plot(result, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyllm.version import VERSION
 
@@ -133,6 +185,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="format the prompt with the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)")
+    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt-processing test sizes (default 512)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation test sizes (default 128)")
+    p.add_argument("-d", "--n-depth", type=_int_list, default=[0], help="KV cache depth before each test (default 0)")
+    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["f16"], help="K cache types, comma-separated")
+    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=["f16"], help="V cache types, comma-separated")
+    p.add_argument("-fa", "--flash-attn", type=_str_list, default=["auto"], help="on, off, auto (comma-separated)")
+    p.add_argument("-b", "--batch-size", type=int, default=2048)
+    p.add_argument("-ub", "--ubatch-size", type=int, default=512)
+    p.add_argument("-t", "--threads", type=int, default=0, help="threads (default: the CPUs available)")
+    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=99)
+    p.add_argument("-r", "--repetitions", type=int, default=5)
+    p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)")
+    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+    p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
+                                    "(default: the GPU's free memory, else system RAM)")
+    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["f16", "q8_0", "q4_0"])
+    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=None,
+                   help="V cache types (default: the same list as -ctk, paired K = V)")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context to report (default: the training context)")
+    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
+    p.add_argument("-b", "--batch-size", type=int, default=2048)
+    p.add_argument("-ub", "--ubatch-size", type=int, default=512)
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="draw memory against context length (needs matplotlib)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -343,6 +343,10 @@ class Context(NativeHandle):
         # After an abort or fatal error, processed ubatches stay in memory: follow llama.cpp's state.
         self.n_past = int(lib.llama_memory_seq_pos_max(self._memory, 0)) + 1
 
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (a no-op on the CPU backend)."""
+        lib.llama_synchronize(self.ptr)
+
     def abort(self) -> None:
         """Ask a running decode (in another thread) to stop at the next graph node."""
         lib.pyllm_abort_set(self._abort_flag, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Optional, Sequence
+from typing import Generator, Optional, Sequence, Union
 
 from pyllm import default_model
 from pyllm.config import EngineConfig
@@ -25,14 +25,22 @@ class GenerationResult:
     tokens: list[int]
     n_prompt: int
     stop_reason: str                 # eog | max_tokens | stop | context_full | aborted
-    prompt_seconds: float = 0.0
-    gen_seconds: float = 0.0
+    prompt_ns: int = 0
+    gen_ns: int = 0                  # from the end of the prompt to the last token
     n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
     timings: dict = field(default_factory=dict)
 
     @property
     def n_generated(self) -> int:
         return len(self.tokens)
+
+    @property
+    def prompt_seconds(self) -> float:
+        return self.prompt_ns / 1e9
+
+    @property
+    def gen_seconds(self) -> float:
+        return self.gen_ns / 1e9
 
     @property
     def prompt_tps(self) -> float:
@@ -52,10 +60,14 @@ class Engine:
     uses the default model. Close it (or use ``with``) to free native memory.
     """
 
-    def __init__(self, config: Optional[EngineConfig] = None) -> None:
+    def __init__(self, config: Optional[EngineConfig] = None, *, model: Optional[Model] = None) -> None:
+        """``model``: an already loaded model to share (the engine then closes only its context)."""
         self.config = config = config if config is not None else EngineConfig.from_env()
-        path = config.model_path or str(default_model.path())
-        self.model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+        self._owns_model = model is None
+        if model is None:
+            path = config.model_path or str(default_model.path())
+            model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+        self.model = model
         try:
             self.context = Context(
                 self.model,
@@ -70,14 +82,22 @@ class Engine:
                 offload_kqv=config.offload_kqv,
             )
         except BaseException:
-            self.model.close()
+            if self._owns_model:
+                self.model.close()
             raise
         self._cached: list[int] = []   # tokens whose K/V are in the cache, in order
         self.last_result: Optional[GenerationResult] = None
 
     # ---- lifetime ----
     def close(self) -> None:
-        self.model.close()  # closes the context first
+        self.context.close()
+        if self._owns_model:
+            self.model.close()
+
+    def reset(self) -> None:
+        """Empty the KV cache: the next generation starts from nothing."""
+        self.context.clear()
+        self._cached = []
 
     def __enter__(self) -> "Engine":
         return self
@@ -97,16 +117,21 @@ class Engine:
     def format_chat(self, prompt: str) -> str:
         return self.model.apply_chat_template([{"role": "user", "content": prompt}], template=self.config.chat_template)
 
-    def tokenize_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
+    def tokenize_prompt(self, prompt: Union[str, Sequence[int]], *, chat: bool = False) -> list[int]:
+        if isinstance(prompt, (list, tuple)) and not chat:
+            if not prompt:
+                raise ConfigError("prompt is an empty token list; expected at least one token")
+            self.model.check_tokens(prompt)
+            return list(prompt)
         if not isinstance(prompt, str):
-            raise ConfigError(f"prompt must be a str, got {type(prompt).__name__}")
+            raise ConfigError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if chat:
             return self.model.tokenize(self.format_chat(prompt), add_special=True, parse_special=True)
         if prompt == "":
             raise ConfigError("prompt is empty; expected at least one character")
         return self.model.tokenize(prompt, add_special=True, parse_special=False)
 
-    def _ingest(self, tokens: list[int]) -> int:
+    def ingest(self, tokens: list[int]) -> int:
         """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded."""
         ctx = self.context
         keep = 0
@@ -132,10 +157,13 @@ class Engine:
         sampling: SamplingParams = GREEDY,
         stop: Sequence[str] = (),
         chat: bool = False,
+        ignore_eos: bool = False,
     ) -> Generator[str, None, GenerationResult]:
         """Yield the completion as text pieces (whole UTF-8 characters); return the GenerationResult.
 
-        ``max_tokens=None`` generates until an end-of-generation token or a full context.
+        ``prompt``: text, or a list of token ids. ``max_tokens=None`` generates until an
+        end-of-generation token or a full context; ``ignore_eos`` generates through end-of-generation
+        tokens (as llama.cpp's --ignore-eos; benchmarks use it to run exactly max_tokens steps).
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
             raise ConfigError(f"max_tokens={max_tokens!r} is out of range; expected an integer >= 0 or None")
@@ -150,25 +178,26 @@ class Engine:
                 f"prompt of {len(prompt_tokens)} tokens + max_tokens={max_tokens} = {want} does not fit in "
                 f"n_ctx={n_ctx}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
             )
-        return (yield from self._run(prompt_tokens, max_tokens, sampling, stops))
+        return (yield from self._run(prompt_tokens, max_tokens, sampling, stops, ignore_eos))
 
     def _run(
-        self, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams, stops: list[str]
+        self, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams, stops: list[str],
+        ignore_eos: bool = False,
     ) -> Generator[str, None, GenerationResult]:
         ctx, model = self.context, self.model
         result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason="max_tokens")
         self.last_result = result
         pieces: list[str] = []
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         try:
-            result.n_prompt_decoded = self._ingest(prompt_tokens)
+            result.n_prompt_decoded = self.ingest(prompt_tokens)
         except DecodeAbortedError:
             self._cached = self._cached[: ctx.n_past]
             result.stop_reason = "aborted"
-            result.prompt_seconds = time.perf_counter() - t0
+            result.prompt_ns = time.perf_counter_ns() - t0
             return result
-        t1 = time.perf_counter()
-        result.prompt_seconds = t1 - t0
+        t1 = time.perf_counter_ns()
+        result.prompt_ns = t1 - t0
 
         sampler = None if sampling.is_plain_greedy else Sampler(sampling, model.n_vocab)
         text = TextStream(stops)
@@ -180,7 +209,7 @@ class Engine:
         try:
             while len(out_tokens) < limit:
                 token = argmax() if sampler is None else sampler.sample(ctx)
-                if is_eog(token):
+                if is_eog(token) and not ignore_eos:
                     result.stop_reason = "eog"
                     break
                 out_tokens.append(token)
@@ -209,7 +238,7 @@ class Engine:
         if rest:
             pieces.append(rest)
             yield rest
-        result.gen_seconds = time.perf_counter() - t1
+        result.gen_ns = time.perf_counter_ns() - t1
         result.text = "".join(pieces)
         return result
 

@@ -26,6 +26,10 @@ class ModelLoadError(PyllmError, OSError):
     """llama.cpp could not load a model file; the message carries the path and llama.cpp's reason."""
 
 
+class VocabOnlyError(PyllmError, ValueError):
+    """The model was loaded vocab_only: its layer hyperparameters and weights are not available."""
+
+
 class ContextError(PyllmError, RuntimeError):
     """llama.cpp could not create a context (for example, out of memory for the KV cache)."""
 

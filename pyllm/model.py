@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 from pyllm import log as native_log
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
-from pyllm.errors import ChatTemplateError, ModelLoadError, TokenizeError
+from pyllm.errors import ChatTemplateError, ModelLoadError, TokenizeError, VocabOnlyError
 
 if TYPE_CHECKING:
     from pyllm.context import Context
@@ -180,29 +180,37 @@ class Model(NativeHandle):
     def n_layer(self) -> int:
         return int(lib.llama_model_n_layer(self.ptr))
 
+    def _layers_ptr(self, what: str):
+        # llama.cpp aborts the process (GGML_ABORT) when per-layer hparams of a vocab-only model are read.
+        p = self.ptr
+        if self.vocab_only:
+            raise VocabOnlyError(f"{what} is not available: model {self.path.name} was loaded vocab_only")
+        return p
+
     @property
     def n_head(self) -> int:
-        return int(lib.llama_model_n_head(self.ptr))
+        return int(lib.llama_model_n_head(self._layers_ptr("n_head")))
 
     @property
     def n_head_kv(self) -> int:
-        return int(lib.llama_model_n_head_kv(self.ptr))
+        return int(lib.llama_model_n_head_kv(self._layers_ptr("n_head_kv")))
 
     @property
     def n_swa(self) -> int:
-        return int(lib.llama_model_n_swa(self.ptr))
+        return int(lib.llama_model_n_swa(self._layers_ptr("n_swa")))
 
     def head_sizes(self) -> tuple[list[int], list[int]]:
         """Per-layer K and V head sizes as llama.cpp's hparams see them."""
-        n = int(lib.pyllm_model_n_layer(self.ptr))
-        ks = [int(lib.pyllm_model_n_embd_head_k(self._ptr, i)) for i in range(n)]
-        vs = [int(lib.pyllm_model_n_embd_head_v(self._ptr, i)) for i in range(n)]
+        p = self._layers_ptr("head sizes")
+        n = int(lib.pyllm_model_n_layer(p))
+        ks = [int(lib.pyllm_model_n_embd_head_k(p, i)) for i in range(n)]
+        vs = [int(lib.pyllm_model_n_embd_head_v(p, i)) for i in range(n)]
         return ks, vs
 
     @property
     def requires_equal_kv_types(self) -> bool:
         """True for MLA models (DeepSeek-style), whose K and V caches must use one type."""
-        return bool(lib.pyllm_model_requires_equal_kv_types(self.ptr))
+        return bool(lib.pyllm_model_requires_equal_kv_types(self._layers_ptr("the attention type")))
 
     def chat_template(self, name: Optional[str] = None) -> Optional[str]:
         p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)

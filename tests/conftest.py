@@ -45,3 +45,24 @@ def fetch_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """tests/synthetic_gguf.py: writers of random-weight GGUF models (llama GQA, DeepSeek-2 MLA)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pyllm_synthetic_gguf", ROOT / "tests" / "synthetic_gguf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def gqa_model_path(synthetic, tmp_path_factory) -> Path:
+    return synthetic.write_llama(tmp_path_factory.mktemp("gguf") / "gqa.gguf", n_head=8, n_head_kv=2)
+
+
+@pytest.fixture(scope="session")
+def mla_model_path(synthetic, tmp_path_factory) -> Path:
+    return synthetic.write_mla(tmp_path_factory.mktemp("gguf") / "mla.gguf")

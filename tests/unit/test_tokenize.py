@@ -65,6 +65,18 @@ def test_vocab_only_model_cannot_make_a_context(vocab_spm):
             Context(model)
 
 
+def test_layer_hparams_of_a_vocab_only_model_raise_instead_of_aborting(vocab_spm):
+    from pyllm.errors import VocabOnlyError
+
+    with Model(vocab_spm, vocab_only=True) as model:
+        for attr in ("n_head", "n_head_kv", "n_swa", "requires_equal_kv_types"):
+            with pytest.raises(VocabOnlyError, match="loaded vocab_only"):
+                getattr(model, attr)
+        with pytest.raises(VocabOnlyError):
+            model.head_sizes()
+        assert model.n_vocab > 0 and model.architecture == "llama"
+
+
 def test_use_after_close_raises(vocab_spm):
     model = Model(vocab_spm, vocab_only=True)
     model.close()

@@ -21,3 +21,15 @@ bool   llama_supports_mlock(void);
 bool   llama_supports_gpu_offload(void);
 bool   llama_supports_rpc(void);
 const char * llama_print_system_info(void);
+
+/* Devices (CPU, CUDA0, ...) and their memory, for planning against a memory budget. */
+enum ggml_backend_dev_type {
+    GGML_BACKEND_DEVICE_TYPE_CPU = ..., GGML_BACKEND_DEVICE_TYPE_GPU = ..., GGML_BACKEND_DEVICE_TYPE_IGPU = ...,
+    GGML_BACKEND_DEVICE_TYPE_ACCEL = ..., ...
+};
+size_t             ggml_backend_dev_count(void);
+ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+const char *       ggml_backend_dev_name(ggml_backend_dev_t device);
+const char *       ggml_backend_dev_description(ggml_backend_dev_t device);
+void               ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
+enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);

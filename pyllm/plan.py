@@ -1,0 +1,282 @@
+"""``pyllm plan``: how much context fits in a memory budget, per KV cache type pair.
+
+The model is loaded with llama.cpp's ``no_alloc`` parameter: metadata only, allocations
+simulated, so this takes seconds even for a 30 GB file. Every figure is llama.cpp's own
+accounting (``llama_get_memory_breakdown``) of the buffers it would allocate for a context of a
+given size: weights, KV cache (sliding-window layers, grouped-query attention and MLA included)
+and compute buffers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+from pyllm.context import Context, validate_kv_types
+from pyllm.errors import ConfigError, PyllmError
+from pyllm.kvtypes import KV_CACHE_TYPES, normalize_kv_cache_type
+from pyllm.model import Model
+
+GRANULE = 256                  # llama.cpp pads the KV cache to multiples of 256 cells
+MAX_SEARCH_CTX = 1 << 24       # upper end of the search for the uncapped maximum
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'96GiB', '80 GB', '512MiB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--memory {text!r} is not a size; expected a number with a unit "
+                          f"(B, KiB, MiB, GiB, TiB, KB, MB, GB, TB), e.g. 96GiB, or 'gpu'")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConfigError(f"--memory {text!r} must be positive")
+    return value
+
+
+@dataclass
+class Measure:
+    n_ctx: int
+    weights: int
+    kv: int
+    compute: int
+    devices: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+@dataclass
+class PlanRow:
+    type_k: str
+    type_v: str
+    n_ctx: int                       # the context asked about (-c)
+    kv_bytes_per_token: float        # growth of the KV cache per token of context
+    kv_bytes: int                    # KV cache at n_ctx
+    weights_bytes: int
+    compute_bytes: int               # compute buffers at n_ctx
+    total_bytes: int                 # weights + KV + compute at n_ctx
+    max_ctx: int                     # largest context that fits the budget, capped at n_ctx_train
+    max_ctx_uncapped: int            # the same without the cap (at most MAX_SEARCH_CTX)
+    n_ctx_train: int
+    flash_attn: bool
+    devices: dict[str, dict] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+@dataclass
+class Plan:
+    model: str
+    model_path: str
+    budget: int
+    budget_source: str
+    n_gpu_layers: int
+    rows: list[PlanRow]
+    curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # "k/v" -> [(n_ctx, total bytes)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class Planner:
+    """Simulated allocations of one model (no_alloc): measure any context size and KV type pair."""
+
+    def __init__(self, model_path: str, *, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
+                 flash_attn: str = "auto") -> None:
+        self.model = Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=False, no_alloc=True)
+        self.n_batch, self.n_ubatch, self.flash_attn = n_batch, n_ubatch, flash_attn
+        self.n_gpu_layers = n_gpu_layers
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> "Planner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def measure(self, n_ctx: int, type_k: str, type_v: str) -> tuple[Measure, bool]:
+        n_batch = min(self.n_batch, n_ctx)
+        with Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(self.n_ubatch, n_batch),
+                     flash_attn=self.flash_attn, type_k=type_k, type_v=type_v, no_perf=True) as ctx:
+            rows = ctx.memory_breakdown()
+            m = Measure(n_ctx=ctx.n_ctx, weights=sum(r["model"] for r in rows), kv=sum(r["context"] for r in rows),
+                        compute=sum(r["compute"] for r in rows),
+                        devices={r["name"]: {k: r[k] for k in ("model", "context", "compute")} for r in rows})
+            return m, ctx.flash_attn
+
+    def row(self, type_k: str, type_v: str, n_ctx: int, budget: int, curve: Optional[list] = None) -> PlanRow:
+        n_train = self.model.n_ctx_train
+        n_ctx = n_ctx or n_train
+        at, fa = self.measure(n_ctx, type_k, type_v)
+        # Two points 16 granules apart give the per-token growth; sliding-window caches stop growing.
+        probe_n = at.n_ctx + 16 * GRANULE
+        probe, _ = self.measure(probe_n, type_k, type_v)
+        per_token = (probe.kv - at.kv) / (probe.n_ctx - at.n_ctx)
+        total_slope = (probe.total - at.total) / (probe.n_ctx - at.n_ctx)
+        if curve is not None:
+            curve += [(at.n_ctx, at.total), (probe.n_ctx, probe.total)]
+        max_uncapped = self._max_fit(budget, at, total_slope, type_k, type_v, curve)
+        if curve is not None and max_uncapped > 0:
+            for i in range(1, 8):  # a few more points for the plot, up to the maximum
+                n = max(GRANULE, max_uncapped * i // 8 // GRANULE * GRANULE)
+                m, _ = self.measure(n, type_k, type_v)
+                curve.append((m.n_ctx, m.total))
+        return PlanRow(type_k=type_k, type_v=type_v, n_ctx=at.n_ctx, kv_bytes_per_token=per_token, kv_bytes=at.kv,
+                       weights_bytes=at.weights, compute_bytes=at.compute, total_bytes=at.total,
+                       max_ctx=min(max_uncapped, n_train) if n_train > 0 else max_uncapped,
+                       max_ctx_uncapped=max_uncapped, n_ctx_train=n_train, flash_attn=fa, devices=at.devices)
+
+    def _max_fit(self, budget: int, at: Measure, slope: float, k: str, v: str, curve: Optional[list]) -> int:
+        """Largest multiple of GRANULE whose simulated total fits the budget."""
+        def fits(n: int) -> tuple[bool, int]:
+            m, _ = self.measure(n, k, v)
+            if curve is not None:
+                curve.append((m.n_ctx, m.total))
+            return m.total <= budget, m.total
+
+        lo_ok, _ = fits(GRANULE)
+        if not lo_ok:
+            return 0
+        if slope <= 0:
+            guess = MAX_SEARCH_CTX
+        else:
+            guess = at.n_ctx + (budget - at.total) / slope
+        guess = int(max(GRANULE, min(MAX_SEARCH_CTX, guess)) // GRANULE * GRANULE)
+        ok, _ = fits(guess)
+        lo, hi = (guess, None) if ok else (GRANULE, guess)
+        if ok:
+            # Linear estimates are close: look just above to bracket the answer.
+            step = GRANULE
+            while hi is None:
+                n = min(MAX_SEARCH_CTX, lo + step)
+                if n == lo:
+                    return lo
+                ok2, _ = fits(n)
+                if ok2:
+                    lo, step = n, step * 4
+                else:
+                    hi = n
+        while hi - lo > GRANULE:
+            mid = (lo + hi) // 2 // GRANULE * GRANULE
+            if mid in (lo, hi):
+                break
+            ok, _ = fits(mid)
+            lo, hi = (mid, hi) if ok else (lo, mid)
+        return lo
+
+
+def gpu_budget() -> tuple[int, str]:
+    from pyllm.devices import gpus
+
+    found = gpus()
+    if not found:
+        raise ConfigError("--memory gpu: no GPU is visible to this build (pyllm info shows the backends); "
+                          "give the budget as a size, e.g. --memory 96GiB")
+    g = found[0]
+    return g.free, f"free memory of {g.name} ({g.description})"
+
+
+def default_budget() -> tuple[int, str]:
+    from pyllm.devices import devices, gpus
+
+    if gpus():
+        return gpu_budget()
+    cpu = [d for d in devices() if d.type == "cpu"]
+    if cpu:
+        return cpu[0].total, "total memory of the CPU device (system RAM)"
+    raise ConfigError("no device reports its memory; give the budget with --memory, e.g. --memory 16GiB")
+
+
+def make_plan(model_path: str, *, type_k: Sequence[str] = ("f16",), type_v: Optional[Sequence[str]] = None,
+              n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
+              n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False) -> Plan:
+    if memory is None:
+        budget, source = default_budget()
+    elif str(memory).strip().lower() == "gpu":
+        budget, source = gpu_budget()
+    else:
+        budget, source = parse_memory(memory), "--memory"
+    pairs = [(k, k) for k in type_k] if type_v is None else [(k, v) for k in type_k for v in type_v]
+    for flag, names in (("-ctk", type_k), ("-ctv", type_v or ())):
+        for name in names:
+            if normalize_kv_cache_type(name) is None:
+                raise ConfigError(f"{flag} {name!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
+    if n_ctx < 0:
+        raise ConfigError(f"-c {n_ctx} is out of range; expected >= 0 (0 = the model's training context)")
+    with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
+                 flash_attn=flash_attn) as planner:
+        plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget, budget_source=source,
+                    n_gpu_layers=n_gpu_layers, rows=[])
+        for k, v in pairs:
+            k, v = normalize_kv_cache_type(k), normalize_kv_cache_type(v)
+            try:
+                validate_kv_types(planner.model, k, v, flash_attn)
+            except PyllmError as exc:
+                plan.rows.append(PlanRow(k, v, n_ctx, 0, 0, 0, 0, 0, 0, 0, planner.model.n_ctx_train, False,
+                                         error=str(exc)))
+                continue
+            curve: Optional[list] = [] if curves else None
+            plan.rows.append(planner.row(k, v, n_ctx, budget, curve))
+            if curve is not None:
+                plan.curves[f"{k}/{v}"] = sorted(set(curve))
+        return plan
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f}"
+
+
+def format_table(plan: Plan) -> str:
+    lines = [
+        f"model: {plan.model} ({plan.model_path})",
+        f"budget: {plan.budget / 2**30:.2f} GiB ({plan.budget_source}); -ngl {plan.n_gpu_layers}",
+        "",
+        "| type_k | type_v | KV bytes/token | n_ctx | KV MiB | weights MiB | compute MiB | total MiB | max ctx | max ctx (uncapped) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in plan.rows:
+        if r.error:
+            lines.append(f"| {r.type_k} | {r.type_v} | {r.error} | | | | | | | |")
+            continue
+        cap = f"{r.max_ctx:,}" + (" (n_ctx_train)" if r.max_ctx == r.n_ctx_train and r.max_ctx_uncapped > r.max_ctx else "")
+        unc = (">= " if r.max_ctx_uncapped >= MAX_SEARCH_CTX else "") + f"{r.max_ctx_uncapped:,}"
+        lines.append(f"| {r.type_k} | {r.type_v} | {r.kv_bytes_per_token:,.0f} | {r.n_ctx:,} | {_mib(r.kv_bytes)} | "
+                     f"{_mib(r.weights_bytes)} | {_mib(r.compute_bytes)} | {_mib(r.total_bytes)} | {cap} | {unc} |")
+    return "\n".join(lines)
+
+
+def plot(plan: Plan, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'pyllm[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in plan.rows:
+        pts = plan.curves.get(f"{r.type_k}/{r.type_v}")
+        if r.error or not pts:
+            continue
+        xs, ys = zip(*pts)
+        line, = ax.plot(xs, [y / 2**30 for y in ys], marker=".", label=f"K {r.type_k} / V {r.type_v}")
+        if r.max_ctx_uncapped:
+            m = [y for x, y in pts if x == r.max_ctx_uncapped]
+            if m:
+                ax.plot([r.max_ctx_uncapped], [m[0] / 2**30], "o", color=line.get_color(), markersize=9)
+                ax.annotate(f"{r.max_ctx_uncapped:,}", (r.max_ctx_uncapped, m[0] / 2**30), textcoords="offset points",
+                            xytext=(4, -12), fontsize=8)
+    ax.axhline(plan.budget / 2**30, color="red", linestyle="--", label=f"budget {plan.budget / 2**30:.1f} GiB")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("memory: weights + KV cache + compute (GiB)")
+    ax.set_title(plan.model)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
