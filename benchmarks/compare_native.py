@@ -10,8 +10,9 @@ pyllm/native ratios per KV type and test. A benchmark, not a test: it never fail
     python3 benchmarks/compare_native.py --rounds 5 -r 5 --kv f16,q8_0,q4_0 --out bench-out
     python3 benchmarks/compare_native.py --perplexity          # also llama-perplexity vs pyllm kv-eval (f16)
 
-Ratios use the mean over rounds of each side's per-round mean t/s; the table also shows the
-spread (min-max over rounds) so that noise is visible.
+Each round runs both sides back to back (the order alternates between rounds), so each round
+gives one paired ratio pyllm/native; the table reports the median of the paired ratios (robust to
+the noise of a shared machine), their min-max, and both sides' mean t/s.
 """
 from __future__ import annotations
 
@@ -54,6 +55,37 @@ def test_name(row: dict) -> str:
     return name + (f" @ d{row['n_depth']}" if row.get("n_depth") else "")
 
 
+def compare_perplexity(llama_perplexity: Path, args: argparse.Namespace) -> None:
+    """f16 perplexity of the same text: llama.cpp's llama-perplexity vs pyllm kv-eval's baseline."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "pydoc_topics.txt"
+        text.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
+        common = ["-m", args.model, "-f", str(text), "-c", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks),
+                  "-fa", args.fa, "-t", str(args.threads), "-ngl", args.ngl]
+        proc = subprocess.run([str(llama_perplexity), *common, "-b", str(args.ppl_ctx)], capture_output=True, text=True)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+        if not m:
+            raise SystemExit(f"llama-perplexity gave no estimate:\n{proc.stderr[-2000:]}")
+        native = float(m.group(1))
+        ours = run_json_obj([sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())",
+                             "kv-eval", *common, "-ctk", "f16", "--json"])
+        ppl = ours["results"][0]["ppl"]
+    diff = 100 * (ppl / native - 1)
+    print(f"perplexity (f16, pydoc_data.topics, -c {args.ppl_ctx}, {args.ppl_chunks} chunks): "
+          f"llama-perplexity {native:.4f}, pyllm kv-eval {ppl:.4f}, difference {diff:+.4f}%")
+
+
+def run_json_obj(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", help="GGUF model (default: pyllm's default model)")
@@ -69,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-dir", type=Path, default=ROOT / "build" / "native")
     ap.add_argument("--native-bin", type=Path, help="use this llama-bench instead of building one")
     ap.add_argument("--out", type=Path, help="write native.json, pyllm.json and ratios.md here")
+    ap.add_argument("--perplexity", action="store_true",
+                    help="also compare f16 perplexity: llama-perplexity vs pyllm kv-eval (same text, -c, chunks)")
+    ap.add_argument("--ppl-ctx", type=int, default=512)
+    ap.add_argument("--ppl-chunks", type=int, default=10)
+    ap.add_argument("--no-speed", action="store_true", help="skip the llama-bench comparison")
     args = ap.parse_args(argv)
 
     if args.model is None:
@@ -76,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(default_model.path())
     args.model = str(Path(args.model).resolve())
-    llama_bench = args.native_bin or build_native(args.build_dir)["llama-bench"]
+    tools = {"llama-bench": args.native_bin} if args.native_bin else build_native(args.build_dir)
+    llama_bench = tools["llama-bench"]
+    if args.perplexity:
+        compare_perplexity(tools.get("llama-perplexity") or build_native(args.build_dir)["llama-perplexity"], args)
+    if args.no_speed:
+        return 0
     common = ["-m", args.model, "-p", args.p, "-n", args.n, "-d", args.d, "-fa", args.fa, "-t", str(args.threads),
               "-ngl", args.ngl, "-r", args.repetitions, "-o", "json"]
     native: dict[tuple[str, str], list[float]] = {}
@@ -96,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                     (native if who == "native" else ours).setdefault((kv, test_name(row)), []).append(row["avg_ts"])
             print(f"round {rnd + 1}/{args.rounds} {kv}: done", file=sys.stderr)
 
-    lines = ["| KV type | test | llama-bench t/s (min-max) | pyllm t/s (min-max) | pyllm/native |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| KV type | test | llama-bench t/s (mean) | pyllm t/s (mean) | pyllm/native (median of paired rounds) | min-max |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for key in native:
         n, o = native[key], ours.get(key, [])
-        if not o:
+        if len(o) != len(n):
             continue
-        ratio = statistics.fmean(o) / statistics.fmean(n)
-        lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(n):.2f} ({min(n):.2f}-{max(n):.2f}) | "
-                     f"{statistics.fmean(o):.2f} ({min(o):.2f}-{max(o):.2f}) | {ratio:.3f} |")
+        ratios = [a / b for a, b in zip(o, n)]
+        lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(n):.2f} | {statistics.fmean(o):.2f} | "
+                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
     table = "\n".join(lines)
     print(f"model: {args.model}; threads: {args.threads}; -fa {args.fa}; -r {args.repetitions}; rounds: {args.rounds}")
     print(table)

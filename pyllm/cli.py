@@ -160,6 +160,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv_eval(args: argparse.Namespace) -> int:
+    from pyllm import default_model, kveval
+
+    text, source = (kveval.read_text_file(args.file), args.file) if args.file else kveval.default_text()
+    type_v = args.cache_type_v or args.cache_type_k
+    pairs = [(k, v) for k in args.cache_type_k for v in type_v] if args.cache_type_v else [(k, k) for k in args.cache_type_k]
+    print(f"text: {source}", file=sys.stderr)
+    bar = None
+    if not args.json and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=args.chunks, file=sys.stderr, unit="chunk", leave=False)
+        except ImportError:
+            pass
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        report = kveval.kv_eval(args.model or str(default_model.path()), pairs, text=text, text_source=source,
+                                n_ctx=args.ctx_size, n_chunks=args.chunks, flash_attn=args.flash_attn,
+                                n_threads=args.threads, n_gpu_layers=args.gpu_layers, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(kveval.format_json(report) if args.json else kveval.format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyllm.version import VERSION
 
@@ -218,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE.png", help="draw memory against context length (needs matplotlib)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("kv-eval", help="quality of quantized KV caches: perplexity, KL divergence and top-1 vs f16")
+    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+    p.add_argument("-f", "--file", help="UTF-8 text to evaluate (default: Python's pydoc topics, shipped with Python)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk, as llama-perplexity -c (default 512)")
+    p.add_argument("--chunks", type=int, default=10, help="chunks to evaluate (default 10)")
+    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["q8_0", "q4_0"])
+    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=None,
+                   help="V types (default: paired with -ctk, K = V); given, every K x V pair is evaluated")
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
+    p.add_argument("-t", "--threads", type=int)
+    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_kv_eval)
     return parser
 
 

@@ -296,11 +296,21 @@ class Context(NativeHandle):
             raise ConcurrentUseError("this context is in use by another thread; use one context per thread")
         return p
 
-    def decode(self, tokens: Sequence[int], *, logits: str = "last") -> None:
-        """Append tokens to sequence 0 in n_batch chunks. ``logits``: 'last', 'all' or 'none'."""
+    def decode(self, tokens: Sequence[int], *, logits: str = "last", output_from: int = 0) -> int:
+        """Append tokens to sequence 0 in n_batch chunks; returns the number of output rows.
+
+        ``logits``: 'last' (the last token's), 'all' (every token from index ``output_from`` on; then
+        the tokens must fit one n_batch, since each llama_decode call replaces the outputs) or 'none'.
+        """
         n = len(tokens)
         if n == 0:
             raise ValueError("cannot decode an empty token list")
+        if logits not in ("last", "all", "none"):
+            raise ValueError(f"logits={logits!r} is not valid; expected 'last', 'all' or 'none'")
+        if logits == "all" and n > self.n_batch:
+            raise ValueError(f"logits='all' for {n} tokens needs n_batch >= {n} (this context has n_batch={self.n_batch})")
+        if not 0 <= output_from < max(n, 1):
+            raise ValueError(f"output_from={output_from} is out of range; expected 0 <= output_from < {n}")
         if self.n_past + n > self.n_ctx:
             raise ContextFullError(f"{n} tokens after {self.n_past} do not fit in n_ctx={self.n_ctx}")
         self.model.check_tokens(tokens)
@@ -314,7 +324,7 @@ class Context(NativeHandle):
                 chunk = arr[start : start + step]
                 last = start + len(chunk) >= n
                 lib.pyllm_batch_fill(b, ffi.from_buffer("llama_token[]", chunk), len(chunk), self.n_past, 0,
-                                     last and logits == "last", logits == "all")
+                                     last and logits == "last", output_from if logits == "all" else -1)
                 rc = lib.llama_decode(p, b[0])
                 if rc != 0:
                     self._resync_after_failure()
@@ -322,6 +332,7 @@ class Context(NativeHandle):
                 self.n_past += len(chunk)
         finally:
             self._busy.release()
+        return {"last": 1, "all": n - output_from, "none": 0}[logits]
 
     def decode_one(self, token: int) -> None:
         """Append one token (with logits): the per-token generation step."""

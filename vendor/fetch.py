@@ -110,6 +110,8 @@ def download(pin: dict[str, str]) -> Path:
 
 
 def _keep(rel: str, size: int) -> bool:
+    if rel == ".git":  # a submodule pointer into llama-cpp-python's own repository
+        return False
     if any(rel.startswith(p) for p in DROP_PREFIXES):
         return False
     if rel.startswith("models/"):

@@ -34,13 +34,13 @@ void pyllm_abort_set(int * flag, int value) {
 }
 
 void pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
-                      llama_seq_id seq_id, bool logits_last, bool logits_all) {
+                      llama_seq_id seq_id, bool logits_last, int32_t output_from) {
     for (int32_t i = 0; i < n; ++i) {
         batch->token[i]     = toks[i];
         batch->pos[i]       = pos0 + i;
         batch->n_seq_id[i]  = 1;
         batch->seq_id[i][0] = seq_id;
-        batch->logits[i]    = logits_all ? 1 : 0;
+        batch->logits[i]    = (output_from >= 0 && i >= output_from) ? 1 : 0;
     }
     if (n > 0 && logits_last) {
         batch->logits[n - 1] = 1;

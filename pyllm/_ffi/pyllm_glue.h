@@ -20,7 +20,7 @@ bool pyllm_abort_callback(void * data);
 void pyllm_abort_set(int * flag, int value);
 
 void    pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
-                         llama_seq_id seq_id, bool logits_last, bool logits_all);
+                         llama_seq_id seq_id, bool logits_last, int32_t output_from);
 int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
                          llama_seq_id seq_id);
 int32_t pyllm_argmax_logits(struct llama_context * ctx, int32_t idx, int32_t n_vocab);

@@ -9,10 +9,10 @@ const char * pyllm_build_fa_quants(void);
 bool pyllm_abort_callback(void * data);
 void pyllm_abort_set(int * flag, int value);
 
-/* Fill a batch for one sequence: n tokens from toks at positions pos0.., logits for the last one only
-   when logits_last (all when logits_all). */
+/* Fill a batch for one sequence: n tokens from toks at positions pos0..; logits for every token from
+   index output_from on (-1: none), and for the last one when logits_last. */
 void    pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t n, llama_pos pos0,
-                         llama_seq_id seq_id, bool logits_last, bool logits_all);
+                         llama_seq_id seq_id, bool logits_last, int32_t output_from);
 /* Decode one token for one sequence with its logits requested: the per-token path of generation. */
 int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
                          llama_seq_id seq_id);
