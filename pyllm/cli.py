@@ -274,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.verbose:
         logging.getLogger("pyllm").setLevel(logging.INFO)
     if args.verbose < 2:
-        logging.getLogger("pyllm.native").setLevel(logging.ERROR)
+        # Errors reach the user once, in the exception's one-line message, with llama.cpp's reason.
+        logging.getLogger("pyllm.native").setLevel(logging.CRITICAL)
     else:
         logging.getLogger("pyllm.native").setLevel(logging.INFO)
     try:

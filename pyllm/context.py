@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,46 @@ _KV_LINE = re.compile(
 )
 _MIB = 1024 * 1024
 _warned_fa_pairs: set[tuple[str, str]] = set()
+
+
+def _check_memory(model: Model, n_ctx: int, type_k: int, type_v: int, offload_kqv: bool) -> None:
+    """Refuse a KV cache that cannot fit before llama.cpp allocates it: allocation succeeds lazily on
+    Linux and the page-touching clear that follows would end in an out-of-memory kill, not an error."""
+    if model.no_alloc or n_ctx == 0:
+        return
+    from pyllm.devices import devices
+
+    need = int(lib.pyllm_kv_bytes_lower_bound(model.ptr, n_ctx, type_k, type_v))
+    devs = devices()
+    on_gpu = offload_kqv and model.n_gpu_layers != 0 and any(d.type == "gpu" for d in devs)
+    pool = [d for d in devs if d.type == ("gpu" if on_gpu else "cpu")]
+    if not pool:
+        return
+    avail = sum(d.free for d in pool) if on_gpu else _host_available(pool[0].free)
+    if need > avail:
+        where = "GPU memory" if on_gpu else "memory"
+        raise ContextError(
+            f"n_ctx={n_ctx} needs at least {need / 2**30:.2f} GiB of KV cache, more than the {avail / 2**30:.2f} GiB "
+            f"of {where} available; lower n_ctx or use a quantized KV cache type (pyllm plan shows what fits)"
+        )
+
+
+def _host_available(reported_free: int) -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return reported_free
+
+
+def _install_sigint_bridge() -> None:
+    """Let Ctrl-C stop a running llama_decode at its next graph node (see pyllm_sigint_install)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        lib.pyllm_sigint_install()
 
 
 def default_threads() -> int:
@@ -216,10 +257,20 @@ class Context(NativeHandle):
         params.abort_callback = lib.pyllm_abort_callback
         params.abort_callback_data = self._abort_flag
 
+        _check_memory(model, n_ctx, params.type_k, params.type_v, offload_kqv)
+        _install_sigint_bridge()
         with native_log.capture() as lines:
             ptr = lib.llama_init_from_model(model.ptr, params)
+        try:
+            native_log.raise_pending()
+        except BaseException:
+            if ptr != ffi.NULL:
+                lib.llama_free(ptr)
+            raise
         if ptr == ffi.NULL:
             reason = native_log.reason_from(lines) or "llama.cpp gave no reason"
+            if "bad_alloc" in reason or "failed to allocate" in reason:
+                reason += " (out of memory: lower n_ctx or use a quantized KV cache type)"
             raise ContextError(f"cannot create a context (n_ctx={n_ctx}, K={self.type_k}, V={self.type_v}): {reason}")
         super().__init__(ptr, lib.llama_free)
         self.model = model
@@ -316,8 +367,10 @@ class Context(NativeHandle):
         self.model.check_tokens(tokens)
         arr = np.ascontiguousarray(tokens, dtype=np.int32)
         p = self._enter()
+        rc = None
         try:
             self._abort_flag[0] = 0
+            lib.pyllm_sigint_clear()
             b = self._batch._struct
             step = self.n_batch
             for start in range(0, n, step):
@@ -325,12 +378,16 @@ class Context(NativeHandle):
                 last = start + len(chunk) >= n
                 lib.pyllm_batch_fill(b, ffi.from_buffer("llama_token[]", chunk), len(chunk), self.n_past, 0,
                                      last and logits == "last", output_from if logits == "all" else -1)
+                rc = None
                 rc = lib.llama_decode(p, b[0])
                 if rc != 0:
-                    self._resync_after_failure()
+                    native_log.raise_pending()  # a callback's exception (e.g. Ctrl-C) explains the abort
                     check_decode(rc, f"at position {self.n_past}")
                 self.n_past += len(chunk)
+            native_log.raise_pending()
         finally:
+            if rc != 0:  # failed, aborted or interrupted: follow what llama.cpp kept in memory
+                self._resync_after_failure()
             self._busy.release()
         return {"last": 1, "all": n - output_from, "none": 0}[logits]
 
@@ -341,18 +398,22 @@ class Context(NativeHandle):
         if self.n_past >= self.n_ctx:
             raise ContextFullError(f"context full: n_ctx={self.n_ctx} tokens")
         p = self._enter()
+        rc = None
         try:
             rc = lib.pyllm_decode_one(p, self._batch._struct, token, self.n_past, 0)
             if rc != 0:
-                self._resync_after_failure()
+                native_log.raise_pending()
                 check_decode(rc, f"at position {self.n_past}")
             self.n_past += 1
         finally:
+            if rc != 0:
+                self._resync_after_failure()
             self._busy.release()
 
     def _resync_after_failure(self) -> None:
         # After an abort or fatal error, processed ubatches stay in memory: follow llama.cpp's state.
         self.n_past = int(lib.llama_memory_seq_pos_max(self._memory, 0)) + 1
+        lib.pyllm_sigint_clear()
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (a no-op on the CPU backend)."""

@@ -24,7 +24,7 @@ class GenerationResult:
     text: str
     tokens: list[int]
     n_prompt: int
-    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted
+    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted | interrupted | cancelled
     prompt_ns: int = 0
     gen_ns: int = 0                  # from the end of the prompt to the last token
     n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
@@ -191,10 +191,11 @@ class Engine:
         t0 = time.perf_counter_ns()
         try:
             result.n_prompt_decoded = self.ingest(prompt_tokens)
-        except DecodeAbortedError:
-            self._cached = self._cached[: ctx.n_past]
-            result.stop_reason = "aborted"
+        except (DecodeAbortedError, KeyboardInterrupt) as exc:
+            result.stop_reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "aborted"
             result.prompt_ns = time.perf_counter_ns() - t0
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             return result
         t1 = time.perf_counter_ns()
         result.prompt_ns = t1 - t0
@@ -230,6 +231,13 @@ class Engine:
                 cached.append(token)
         except DecodeAbortedError:
             result.stop_reason = "aborted"
+        except (KeyboardInterrupt, GeneratorExit) as exc:
+            # Interrupted (Ctrl-C) or closed by the consumer: keep what was produced in
+            # engine.last_result, leave the context usable, then let the exception go on.
+            result.stop_reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "cancelled"
+            result.text = "".join(pieces) + text.finish()
+            result.gen_ns = time.perf_counter_ns() - t1
+            raise
         finally:
             del cached[ctx.n_past:]
             if sampler is not None:

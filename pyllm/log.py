@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import threading
 from typing import Iterator
 
@@ -66,16 +67,36 @@ def _emit(level: int, line: str) -> None:
         logger.log(level, "%s", line)
 
 
-@ffi.def_extern()
+def store_callback_error(exc: BaseException) -> None:
+    """Keep an exception raised inside a Python callback called from C; raise_pending() re-raises it."""
+    if getattr(_local, "pending", None) is None:
+        _local.pending = exc
+
+
+def raise_pending() -> None:
+    """Re-raise (once) an exception a Python callback raised while C was running on this thread."""
+    exc = getattr(_local, "pending", None)
+    if exc is not None:
+        _local.pending = None
+        raise exc
+
+
+def _on_callback_error(exc_type, exc_value, tb) -> None:
+    # cffi calls this for an exception that escaped a callback, including one raised on entry
+    # (a KeyboardInterrupt from Ctrl-C lands wherever Python code runs next, callbacks included).
+    store_callback_error(exc_value if exc_value is not None else exc_type())
+
+
+@ffi.def_extern(onerror=_on_callback_error)
 def _pyllm_log_callback(level, text, user_data):  # noqa: ARG001 - signature fixed by ggml_log_callback
-    # Runs inside C: it must never raise (there is nobody to catch it).
+    # Runs inside C: an exception cannot cross it, so it is stored and re-raised once C returns.
     try:
         if text == ffi.NULL:
             return
         for lvl, line in _assembler().feed(int(level), ffi.string(text).decode("utf-8", "replace")):
             _emit(lvl, line)
-    except Exception:  # pragma: no cover - defensive
-        pass
+    except BaseException as exc:
+        store_callback_error(exc)
 
 
 def install() -> None:
@@ -113,9 +134,15 @@ def capture() -> Iterator[list[str]]:
         stack.remove(sink)
 
 
-def reason_from(lines: list[str], n: int = 3) -> str:
-    """A short reason for an exception: the last error/warning-looking lines captured."""
-    picked = [ln.strip() for ln in lines if any(w in ln.lower() for w in ("error", "fail", "invalid", "unknown", "not ", "corrupt", "exceed", "unable", "cannot"))]
-    if not picked:
-        picked = [ln.strip() for ln in lines]
-    return "; ".join(picked[-n:])
+_GENERIC = re.compile(r"failed to load model( from .*)?$|failed to read header$|failed to initialize the context")
+_ERRORISH = ("error", "fail", "invalid", "unknown", "not within", "not supported", "not found", "does not", "corrupt", "exceed", "unable", "cannot", "must be",
+             "unsupported", "requires", "only supports")
+
+
+def reason_from(lines: list[str], n: int = 2) -> str:
+    """A short reason for an exception from the lines captured during a native call: the first
+    specific error lines (the root cause comes first; llama.cpp's wrappers repeat it generically)."""
+    errorish = [ln.strip() for ln in lines if any(w in ln.lower() for w in _ERRORISH)]
+    specific = [ln for ln in errorish if not _GENERIC.search(ln)]
+    picked = specific[:n] or errorish[-n:] or [ln.strip() for ln in lines[-n:]]
+    return "; ".join(picked)

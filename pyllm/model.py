@@ -5,7 +5,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 from pyllm import log as native_log
 from pyllm._ffi import ffi, lib
@@ -28,6 +28,16 @@ def ensure_backend() -> None:
             native_log.install()
             lib.llama_backend_init()
             _backend_ready = True
+
+
+@ffi.def_extern(onerror=native_log._on_callback_error)
+def _pyllm_progress_callback(progress, user_data):
+    # Runs inside C: an exception cancels the load and is re-raised by Model() once C returns.
+    try:
+        return ffi.from_handle(user_data)(float(progress)) is not False
+    except BaseException as exc:
+        native_log.store_callback_error(exc)
+        return False
 
 
 def _check_model_file(path: Path) -> None:
@@ -60,7 +70,10 @@ class Model(NativeHandle):
         use_mlock: bool = False,
         vocab_only: bool = False,
         no_alloc: bool = False,
+        progress: Optional[Callable[[float], Optional[bool]]] = None,
     ) -> None:
+        """``progress(fraction)`` is called while loading; returning False cancels the load. An
+        exception it raises cancels the load and is re-raised here."""
         ensure_backend()
         self.path = Path(os.fspath(path))
         _check_model_file(self.path)
@@ -76,9 +89,22 @@ class Model(NativeHandle):
             params.load_mode = lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.no_alloc = no_alloc
+        handle = None
+        if progress is not None:
+            handle = ffi.new_handle(progress)
+            params.progress_callback = lib._pyllm_progress_callback
+            params.progress_callback_user_data = handle
         with native_log.capture() as lines:
             ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        try:
+            native_log.raise_pending()
+        except BaseException:
+            if ptr != ffi.NULL:
+                lib.llama_model_free(ptr)
+            raise
         if ptr == ffi.NULL:
+            if progress is not None and any("cancelled" in ln for ln in lines):
+                raise ModelLoadError(f"loading {self.path} was cancelled by the progress callback")
             reason = native_log.reason_from(lines) or "llama.cpp gave no reason"
             raise ModelLoadError(f"cannot load model {self.path}: {reason}")
         super().__init__(ptr, lib.llama_model_free)

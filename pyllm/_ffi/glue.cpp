@@ -10,7 +10,10 @@
 #include "llama-model.h"
 
 #include <atomic>
+#include <csignal>
 #include <cstring>
+
+#include <signal.h>
 
 #ifndef PYLLM_VERSION
 #error "PYLLM_VERSION must be defined by the build"
@@ -24,9 +27,51 @@ const char * pyllm_build_backends(void) { return PYLLM_BACKENDS; }
 const char * pyllm_build_cuda_archs(void) { return PYLLM_CUDA_ARCHS; }
 const char * pyllm_build_fa_quants(void) { return PYLLM_FA_QUANTS; }
 
+static volatile sig_atomic_t g_sigint_pending = 0;
+static struct sigaction g_sigint_prev;
+static int g_sigint_installed = 0;
+
+static void pyllm_on_sigint(int sig, siginfo_t * info, void * uctx) {
+    g_sigint_pending = 1;
+    if (g_sigint_prev.sa_flags & SA_SIGINFO) {
+        if (g_sigint_prev.sa_sigaction != nullptr) {
+            g_sigint_prev.sa_sigaction(sig, info, uctx);
+        }
+    } else if (g_sigint_prev.sa_handler != SIG_IGN && g_sigint_prev.sa_handler != SIG_DFL) {
+        g_sigint_prev.sa_handler(sig);
+    }
+}
+
+int pyllm_sigint_install(void) {
+    if (g_sigint_installed) {
+        return 1;
+    }
+    struct sigaction current;
+    if (sigaction(SIGINT, nullptr, &current) != 0) {
+        return 0;
+    }
+    if (!(current.sa_flags & SA_SIGINFO) && (current.sa_handler == SIG_IGN || current.sa_handler == SIG_DFL)) {
+        return 0;  // nobody would turn the signal into an exception: leave the process's choice alone
+    }
+    struct sigaction ours;
+    std::memset(&ours, 0, sizeof(ours));
+    ours.sa_sigaction = pyllm_on_sigint;
+    ours.sa_flags = SA_SIGINFO | (current.sa_flags & SA_ONSTACK);
+    sigemptyset(&ours.sa_mask);
+    g_sigint_prev = current;
+    if (sigaction(SIGINT, &ours, nullptr) != 0) {
+        return 0;
+    }
+    g_sigint_installed = 1;
+    return 1;
+}
+
+void pyllm_sigint_clear(void) { g_sigint_pending = 0; }
+int  pyllm_sigint_pending(void) { return g_sigint_pending; }
+
 // Called by ggml between graph nodes: must stay cheap, so it never enters Python.
 bool pyllm_abort_callback(void * data) {
-    return data != nullptr && __atomic_load_n(static_cast<int *>(data), __ATOMIC_RELAXED) != 0;
+    return g_sigint_pending || (data != nullptr && __atomic_load_n(static_cast<int *>(data), __ATOMIC_RELAXED) != 0);
 }
 
 void pyllm_abort_set(int * flag, int value) {
@@ -116,6 +161,22 @@ bool pyllm_model_requires_equal_kv_types(const struct llama_model * model) {
 
 bool pyllm_context_flash_attn(const struct llama_context * ctx) {
     return ctx->get_cparams().flash_attn;
+}
+
+uint64_t pyllm_kv_bytes_lower_bound(const struct llama_model * model, uint32_t n_ctx, enum ggml_type type_k,
+                                    enum ggml_type type_v) {
+    const auto & hp = model->hparams;
+    uint64_t total = 0;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        if (!hp.has_kv(il) || hp.is_swa(il)) {
+            continue;
+        }
+        total += static_cast<uint64_t>(ggml_row_size(type_k, hp.n_embd_k_gqa(il))) * n_ctx;
+        if (!hp.is_mla()) {  // MLA's V is a view into the K latent
+            total += static_cast<uint64_t>(ggml_row_size(type_v, hp.n_embd_v_gqa(il))) * n_ctx;
+        }
+    }
+    return total;
 }
 
 }  // extern "C"

@@ -59,3 +59,5 @@ bool     llama_model_has_encoder(const struct llama_model * model);
 bool     llama_model_has_decoder(const struct llama_model * model);
 bool     llama_model_is_recurrent(const struct llama_model * model);
 bool     llama_model_is_hybrid(const struct llama_model * model);
+
+extern "Python" bool _pyllm_progress_callback(float progress, void * user_data);

@@ -38,3 +38,15 @@ bool    pyllm_model_requires_equal_kv_types(const struct llama_model * model);
 
 /* Whether flash attention is in effect for this context (llama.cpp resolves "auto" at creation). */
 bool pyllm_context_flash_attn(const struct llama_context * ctx);
+
+/* Ctrl-C: a SIGINT handler that flags every running decode to abort at its next graph node, then
+   chains to the handler it replaced (Python's, which raises KeyboardInterrupt once C returns). */
+int  pyllm_sigint_install(void);
+void pyllm_sigint_clear(void);
+int  pyllm_sigint_pending(void);
+
+/* A lower bound of the KV cache bytes llama.cpp will allocate for n_ctx cells: the full-attention
+   layers only (sliding-window layers keep fewer cells). Used to refuse, before allocating, a context
+   that cannot fit in memory (an out-of-memory kill is not a clean error). */
+uint64_t pyllm_kv_bytes_lower_bound(const struct llama_model * model, uint32_t n_ctx, enum ggml_type type_k,
+                                    enum ggml_type type_v);
