@@ -39,6 +39,7 @@ def build_info() -> dict[str, Any]:
         "cuda_architectures": [a for a in _s(lib.pyllm_build_cuda_archs()).split(",") if a] if cuda else [],
         "cuda_fa_quants": fa_quants if cuda else None,
         "cuda_fa_kernel_pairs": ["-".join(p) for p in fa_kernel_pairs(fa_quants)] if cuda else [],
+        "cuda_vmm": bool(lib.pyllm_build_cuda_vmm()) if cuda else None,
         "supports_gpu_offload": bool(lib.llama_supports_gpu_offload()),
         "supports_mmap": bool(lib.llama_supports_mmap()),
         "supports_mlock": bool(lib.llama_supports_mlock()),

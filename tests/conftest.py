@@ -36,26 +36,26 @@ def default_model_path() -> Path:
     return default_model.path()
 
 
-@pytest.fixture(scope="session")
-def fetch_module():
-    """vendor/fetch.py loaded as a module (it is a script, not part of the package)."""
+def _load_script(name: str, path: Path):
+    """A script of the repository (not part of the package) loaded as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pyllm_vendor_fetch", ROOT / "vendor" / "fetch.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def fetch_module():
+    """vendor/fetch.py."""
+    return _load_script("pyllm_vendor_fetch", ROOT / "vendor" / "fetch.py")
 
 
 @pytest.fixture(scope="session")
 def synthetic():
     """tests/synthetic_gguf.py: writers of random-weight GGUF models (llama GQA, DeepSeek-2 MLA)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pyllm_synthetic_gguf", ROOT / "tests" / "synthetic_gguf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script("pyllm_synthetic_gguf", ROOT / "tests" / "synthetic_gguf.py")
 
 
 @pytest.fixture(scope="session")

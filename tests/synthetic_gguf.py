@@ -41,6 +41,20 @@ def _vocab(w, gguf) -> int:
     return len(tokens)
 
 
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _ffn_and_norms(w, rng, p: str, n_embd: int, n_ff: int, dtype) -> None:
+    w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor(p + "ffn_gate.weight", _rand(rng, n_ff, n_embd, dtype=dtype))
+    w.add_tensor(p + "ffn_up.weight", _rand(rng, n_ff, n_embd, dtype=dtype))
+    w.add_tensor(p + "ffn_down.weight", _rand(rng, n_embd, n_ff, dtype=dtype))
+
+
 def _rand(rng, *shape, dtype=np.float16, scale=0.02):
     return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
 
@@ -74,14 +88,8 @@ def write_llama(path, *, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=512,
         w.add_tensor(p + "attn_k.weight", _rand(rng, n_head_kv * hd, n_embd, dtype=dtype))
         w.add_tensor(p + "attn_v.weight", _rand(rng, n_head_kv * hd, n_embd, dtype=dtype))
         w.add_tensor(p + "attn_output.weight", _rand(rng, n_embd, n_head * hd, dtype=dtype))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "ffn_gate.weight", _rand(rng, n_ff, n_embd, dtype=dtype))
-        w.add_tensor(p + "ffn_up.weight", _rand(rng, n_ff, n_embd, dtype=dtype))
-        w.add_tensor(p + "ffn_down.weight", _rand(rng, n_embd, n_ff, dtype=dtype))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        _ffn_and_norms(w, rng, p, n_embd, n_ff, dtype)
+    _finish(w)
     return path
 
 
@@ -128,14 +136,8 @@ def write_mla(path, *, n_embd=256, n_layer=3, n_head=8, kv_lora_rank=128, qk_nop
         w.add_tensor(p + "attn_k_b.weight", _rand(rng, n_head, kv_lora_rank, qk_nope, dtype=f16))
         w.add_tensor(p + "attn_v_b.weight", _rand(rng, n_head, v_head, kv_lora_rank, dtype=f16))
         w.add_tensor(p + "attn_output.weight", _rand(rng, n_embd, n_head * v_head, dtype=f16))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "ffn_gate.weight", _rand(rng, n_ff, n_embd, dtype=f16))
-        w.add_tensor(p + "ffn_up.weight", _rand(rng, n_ff, n_embd, dtype=f16))
-        w.add_tensor(p + "ffn_down.weight", _rand(rng, n_embd, n_ff, dtype=f16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        _ffn_and_norms(w, rng, p, n_embd, n_ff, f16)
+    _finish(w)
     return path
 
 

@@ -5,12 +5,14 @@ Run by CMake at build time (see CMakeLists.txt), never at import:
     python build.py OUTPUT.c
 
 The declarations are ours, one fragment per area of llama.h in cdef/, loaded in the
-order of their numeric prefixes. The C compiler then checks every declared signature
+order of their numeric prefixes, then the glue's own declarations, taken from the marked
+block of pyllm_glue.h (the same header the C glue is compiled against, so they cannot drift). The C compiler then checks every declared signature
 against the real headers, fills in enum values and partial struct layouts (``...``),
 and cffi verifies the exact structs' layouts when the module is imported.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -27,13 +29,25 @@ def cdef_fragments() -> list[Path]:
     return sorted(CDEF_DIR.glob("[0-9][0-9]_*.h"))
 
 
+GLUE_HEADER = HERE / "pyllm_glue.h"
+_GLUE_BLOCK = re.compile(r"/\* cffi-cdef-begin.*?\*/(.*?)/\* cffi-cdef-end \*/", re.S)
+
+
+def glue_declarations() -> str:
+    m = _GLUE_BLOCK.search(GLUE_HEADER.read_text())
+    if not m:
+        raise SystemExit(f"{GLUE_HEADER.name}: no cffi-cdef-begin ... cffi-cdef-end block")
+    return m.group(1)
+
+
 def make_builder() -> cffi.FFI:
     ffibuilder = cffi.FFI()
-    for fragment in cdef_fragments():
+    sources = [(f.name, f.read_text()) for f in cdef_fragments()] + [(GLUE_HEADER.name, glue_declarations())]
+    for name, text in sources:
         try:
-            ffibuilder.cdef(fragment.read_text(), override=False)
+            ffibuilder.cdef(text, override=False)
         except cffi.CDefError as exc:
-            raise SystemExit(f"{fragment.name}: {exc}") from exc
+            raise SystemExit(f"{name}: {exc}") from exc
     ffibuilder.set_source(MODULE_NAME, SOURCE)
     return ffibuilder
 

@@ -26,6 +26,7 @@ const char * pyllm_build_llama_commit(void) { return PYLLM_LLAMA_COMMIT; }
 const char * pyllm_build_backends(void) { return PYLLM_BACKENDS; }
 const char * pyllm_build_cuda_archs(void) { return PYLLM_CUDA_ARCHS; }
 const char * pyllm_build_fa_quants(void) { return PYLLM_FA_QUANTS; }
+int          pyllm_build_cuda_vmm(void) { return PYLLM_CUDA_VMM; }
 
 static volatile sig_atomic_t g_sigint_pending = 0;
 static struct sigaction g_sigint_prev;

@@ -10,11 +10,14 @@
 extern "C" {
 #endif
 
+/* cffi-cdef-begin: build.py gives cffi everything from here to cffi-cdef-end (plain declarations only) */
+
 const char * pyllm_build_version(void);
 const char * pyllm_build_llama_commit(void);
 const char * pyllm_build_backends(void);
 const char * pyllm_build_cuda_archs(void);
 const char * pyllm_build_fa_quants(void);
+int          pyllm_build_cuda_vmm(void);  /* 0 in a GGML_CUDA_NO_VMM build */
 
 bool pyllm_abort_callback(void * data);
 void pyllm_abort_set(int * flag, int value);
@@ -55,6 +58,7 @@ int  pyllm_sigint_pending(void);
    that cannot fit in memory (an out-of-memory kill is not a clean error). */
 uint64_t pyllm_kv_bytes_lower_bound(const struct llama_model * model, uint32_t n_ctx, enum ggml_type type_k,
                                     enum ggml_type type_v);
+/* cffi-cdef-end */
 
 #ifdef __cplusplus
 }

@@ -51,10 +51,7 @@ def _bad_files(tmp_path, model_path, synthetic):
     w = gguf.GGUFWriter(str(tmp_path / "arch.gguf"), "notanarch")
     w.add_block_count(1)
     w.add_tensor("x.weight", np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    synthetic._finish(w)
     return files
 
 
