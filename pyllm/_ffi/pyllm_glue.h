@@ -27,6 +27,8 @@ void    pyllm_batch_fill(llama_batch * batch, const llama_token * toks, int32_t 
 int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_token token, llama_pos pos,
                          llama_seq_id seq_id);
 int32_t pyllm_argmax_logits(struct llama_context * ctx, int32_t idx, int32_t n_vocab);
+/* The same scan over any float array: the first index of the largest value (0 when n <= 0). */
+int32_t pyllm_argmax_f32(const float * x, int32_t n);
 
 typedef struct pyllm_buft_memory {
     char     name[64];

@@ -61,3 +61,27 @@ def test_from_env_kv_combinations(env):
         return
     k = (env.get("KV_CACHE_TYPE_K") or "").strip() or (env.get("KV_CACHE_TYPE") or "").strip() or None
     assert cfg.kv_cache_type_k == (k.lower() if k else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([-3.0, -1.5, 0.0, 0.5, 2.0, 7.25, -1e30, 1e30]), min_size=1, max_size=300))
+def test_simd_argmax_is_the_first_maximum_like_the_greedy_sampler(values):
+    import numpy as np
+
+    from pyllm._ffi import ffi, lib
+
+    arr = np.asarray(values, dtype=np.float32)  # few distinct values: many ties, in every lane
+    got = lib.pyllm_argmax_f32(ffi.from_buffer("float[]", arr), len(arr))
+    assert got == int(np.argmax(arr))  # numpy also returns the first occurrence
+
+
+def test_simd_argmax_on_a_vocabulary_sized_array():
+    import numpy as np
+
+    from pyllm._ffi import ffi, lib
+
+    rng = np.random.default_rng(0)
+    for n in (262144, 262143, 33, 31, 17):
+        arr = rng.standard_normal(n).astype(np.float32)
+        arr[rng.integers(0, n, 3)] = arr.max()  # a tie at the top
+        assert lib.pyllm_argmax_f32(ffi.from_buffer("float[]", arr), n) == int(np.argmax(arr))
