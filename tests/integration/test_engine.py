@@ -165,3 +165,20 @@ def test_sampling_is_seeded(default_model_path):
         engine.context.clear()
         b = engine.generate(PROMPT, max_tokens=12, sampling=sp)
     assert a.tokens == b.tokens
+
+
+def test_wrapping_handles_created_elsewhere_does_not_take_ownership(model):
+    import pyllm
+
+    borrowed = Model.from_address(model.address)
+    assert not borrowed.owned and borrowed.n_layer == model.n_layer
+    with Context(model, n_ctx=256, n_batch=256) as owner:
+        view = Context.from_address(borrowed, owner.address)
+        view.decode(model.tokenize("Hello"))
+        assert owner.n_past == 0 and view.n_past > 0  # both wrap one llama_context
+        view.close()
+        borrowed.close()
+        assert not owner.closed and not model.closed  # nothing was freed by the borrowers
+        owner.clear()
+        owner.decode(model.tokenize("Hello"))
+    assert pyllm.build_info()["version"] == pyllm.VERSION and pyllm.Engine is Engine
