@@ -10,20 +10,21 @@ ROOT = Path(__file__).resolve().parents[1]
 VENDOR = ROOT / "vendor" / "llama.cpp"
 
 
-@pytest.fixture(scope="session")
-def vocab_spm() -> Path:
-    path = VENDOR / "models" / "ggml-vocab-llama-spm.gguf"
+def _vocab(name: str) -> Path:
+    path = VENDOR / "models" / f"ggml-vocab-{name}.gguf"
     if not path.exists():
         pytest.fail(f"{path} is missing: run `python3 vendor/fetch.py`")
     return path
+
+
+@pytest.fixture(scope="session")
+def vocab_spm() -> Path:
+    return _vocab("llama-spm")
 
 
 @pytest.fixture(scope="session")
 def vocab_bpe() -> Path:
-    path = VENDOR / "models" / "ggml-vocab-llama-bpe.gguf"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `python3 vendor/fetch.py`")
-    return path
+    return _vocab("llama-bpe")
 
 
 @pytest.fixture(scope="session")

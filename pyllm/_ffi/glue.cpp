@@ -114,6 +114,21 @@ int32_t pyllm_decode_one(struct llama_context * ctx, llama_batch * batch, llama_
 // to the lowest id). Gemma's 262k-entry vocabulary makes a scalar scan ~190 us per token, over 1% of a
 // decode on a small model, so the scan runs in SIMD lanes (AVX2 when the build targets it, else SSE2)
 // with four independent accumulators.
+#if defined(__AVX2__) || defined(__SSE2__)
+// Each SIMD lane kept the first maximum of its own elements; the overall first maximum is the
+// largest lane value, at the lowest index among equal ones.
+static void reduce_lanes(const float * lane_v, const int32_t * lane_i, int n, float & best_v, int32_t & best) {
+    best_v = lane_v[0];
+    best   = lane_i[0];
+    for (int k = 1; k < n; ++k) {
+        if (lane_v[k] > best_v || (lane_v[k] == best_v && lane_i[k] < best)) {
+            best_v = lane_v[k];
+            best   = lane_i[k];
+        }
+    }
+}
+#endif
+
 int32_t pyllm_argmax_f32(const float * x, int32_t n) {
     int32_t i = 0;
     int32_t best = 0;
@@ -145,14 +160,7 @@ int32_t pyllm_argmax_f32(const float * x, int32_t n) {
             _mm256_store_ps(lane_v + 8 * k, vmax[k]);
             _mm256_store_si256(reinterpret_cast<__m256i *>(lane_i + 8 * k), vidx[k]);
         }
-        best_v = lane_v[0];
-        best   = lane_i[0];
-        for (int k = 1; k < 32; ++k) {
-            if (lane_v[k] > best_v || (lane_v[k] == best_v && lane_i[k] < best)) {
-                best_v = lane_v[k];
-                best   = lane_i[k];
-            }
-        }
+        reduce_lanes(lane_v, lane_i, 32, best_v, best);
     }
 #elif defined(__SSE2__)
     if (n >= 16) {
@@ -181,14 +189,7 @@ int32_t pyllm_argmax_f32(const float * x, int32_t n) {
             _mm_store_ps(lane_v + 4 * k, vmax[k]);
             _mm_store_si128(reinterpret_cast<__m128i *>(lane_i + 4 * k), vidx[k]);
         }
-        best_v = lane_v[0];
-        best   = lane_i[0];
-        for (int k = 1; k < 16; ++k) {
-            if (lane_v[k] > best_v || (lane_v[k] == best_v && lane_i[k] < best)) {
-                best_v = lane_v[k];
-                best   = lane_i[k];
-            }
-        }
+        reduce_lanes(lane_v, lane_i, 16, best_v, best);
     }
 #endif
     for (; i < n; ++i) {
