@@ -151,7 +151,7 @@ class Engine:
     # ---- generation ----
     def stream(
         self,
-        prompt: str,
+        prompt: Union[str, Sequence[int]],
         *,
         max_tokens: Optional[int] = 128,
         sampling: SamplingParams = GREEDY,
@@ -250,7 +250,7 @@ class Engine:
         result.text = "".join(pieces)
         return result
 
-    def generate(self, prompt: str, **kwargs) -> GenerationResult:
+    def generate(self, prompt: Union[str, Sequence[int]], **kwargs) -> GenerationResult:
         """Generate a completion; keyword arguments as for stream()."""
         gen = self.stream(prompt, **kwargs)
         while True:

@@ -147,39 +147,32 @@ class Model(NativeHandle):
         return self._vocab
 
     # ---- metadata ----
-    def _str_call(self, fn, *args) -> str:
+    def _str_call(self, fn, *args) -> Optional[str]:
+        """Call a llama.cpp getter that fills (buf, size) and returns the length; None when it fails."""
         size = 256
         while True:
             buf = ffi.new("char[]", size)
             n = fn(self.ptr, *args, buf, size)
-            if n < 0:
-                return ""
-            if n < size:
-                return ffi.string(buf, n).decode("utf-8", "replace")
-            size = n + 1
-
-    def meta(self, key: str) -> Optional[str]:
-        """One GGUF metadata value as text, or None when absent."""
-        size = 256
-        while True:
-            buf = ffi.new("char[]", size)
-            n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
             if n < 0:
                 return None
             if n < size:
                 return ffi.string(buf, n).decode("utf-8", "replace")
             size = n + 1
 
+    def meta(self, key: str) -> Optional[str]:
+        """One GGUF metadata value as text, or None when absent."""
+        return self._str_call(lib.llama_model_meta_val_str, key.encode())
+
     def metadata(self) -> dict[str, str]:
         out = {}
         for i in range(int(lib.llama_model_meta_count(self.ptr))):
-            key = self._str_call(lib.llama_model_meta_key_by_index, i)
-            out[key] = self._str_call(lib.llama_model_meta_val_str_by_index, i)
+            key = self._str_call(lib.llama_model_meta_key_by_index, i) or ""
+            out[key] = self._str_call(lib.llama_model_meta_val_str_by_index, i) or ""
         return out
 
     @property
     def desc(self) -> str:
-        return self._str_call(lib.llama_model_desc)
+        return self._str_call(lib.llama_model_desc) or ""
 
     @property
     def architecture(self) -> str:
