@@ -28,6 +28,9 @@ def fa_kernel_pairs(fa_quants: str) -> list[tuple[str, str]]:
 
 def build_info() -> dict[str, Any]:
     """The build identity baked into the extension, plus what llama.cpp reports at run time."""
+    from pyllm.model import ensure_backend
+
+    ensure_backend()  # backends register (and may log, e.g. "no CUDA driver") through our log routing
     backends = [b for b in _s(lib.pyllm_build_backends()).split(",") if b]
     fa_quants = _s(lib.pyllm_build_fa_quants())
     cuda = "CUDA" in backends
