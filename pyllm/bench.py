@@ -15,7 +15,6 @@ import io
 import itertools
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -263,13 +262,3 @@ def format_json(rows: Iterable[BenchRow]) -> str:
 
 FORMATS = {"md": format_markdown, "csv": format_csv, "json": format_json}
 
-
-def progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr, or a no-op when output is not a terminal (or tqdm is missing)."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, file=sys.stderr, unit="test", leave=False, dynamic_ncols=True)

@@ -26,6 +26,11 @@ def fa_kernel_pairs(fa_quants: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def compiled_fa_pairs() -> list[tuple[str, str]]:
+    """The K/V pairs this build has CUDA flash-attention kernels for (empty for a CPU build)."""
+    return fa_kernel_pairs(_s(lib.pyllm_build_fa_quants())) if has_cuda() else []
+
+
 def build_info() -> dict[str, Any]:
     """The build identity baked into the extension, plus what llama.cpp reports at run time."""
     from pyllm.model import ensure_backend
@@ -41,7 +46,7 @@ def build_info() -> dict[str, Any]:
         "backends": backends,
         "cuda_architectures": [a for a in _s(lib.pyllm_build_cuda_archs()).split(",") if a] if cuda else [],
         "cuda_fa_quants": fa_quants if cuda else None,
-        "cuda_fa_kernel_pairs": ["-".join(p) for p in fa_kernel_pairs(fa_quants)] if cuda else [],
+        "cuda_fa_kernel_pairs": ["-".join(p) for p in compiled_fa_pairs()],
         "cuda_vmm": bool(lib.pyllm_build_cuda_vmm()) if cuda else None,
         "supports_gpu_offload": bool(lib.llama_supports_gpu_offload()),
         "supports_mmap": bool(lib.llama_supports_mmap()),

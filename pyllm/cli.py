@@ -108,6 +108,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(total: int, unit: str, enabled: bool):
+    """A tqdm bar on stderr for long runs; None when output is not a terminal (or disabled)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -129,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         n_batch=args.batch_size, n_ubatch=args.ubatch_size, n_threads=args.threads,
         n_gpu_layers=args.gpu_layers, repetitions=args.repetitions,
     )
-    bar = bench.progress_bar(len(params.tests()), enabled=args.output != "json" and not args.no_progress)
+    bar = _progress_bar(len(params.tests()), "test", enabled=args.output != "json" and not args.no_progress)
 
     def progress(label: str) -> None:
         if bar is not None:
@@ -167,14 +176,7 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     type_v = args.cache_type_v or args.cache_type_k
     pairs = [(k, v) for k in args.cache_type_k for v in type_v] if args.cache_type_v else [(k, k) for k in args.cache_type_k]
     print(f"text: {source}", file=sys.stderr)
-    bar = None
-    if not args.json and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=args.chunks, file=sys.stderr, unit="chunk", leave=False)
-        except ImportError:
-            pass
+    bar = _progress_bar(args.chunks, "chunk", enabled=not args.json)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:

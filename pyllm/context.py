@@ -15,9 +15,8 @@ import numpy as np
 from pyllm import log as native_log
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
-from pyllm.buildinfo import fa_kernel_pairs, has_cuda
+from pyllm.buildinfo import compiled_fa_pairs, has_cuda
 from pyllm.errors import (
-    ClosedError,
     ContextError,
     ContextFullError,
     KVCacheConfigError,
@@ -182,11 +181,9 @@ def validate_kv_types(model: Model, type_k: str, type_v: str, flash_attn: str) -
 
 def warn_missing_fa_kernel(type_k: str, type_v: str) -> None:
     """CUDA builds compile flash-attention kernels for a set of K/V pairs only; others run slowly."""
-    from pyllm.buildinfo import build_info
-
     if not has_cuda():
         return
-    pairs = fa_kernel_pairs(build_info()["cuda_fa_quants"] or "")
+    pairs = compiled_fa_pairs()
     if (type_k, type_v) in pairs or (type_k, type_v) in _warned_fa_pairs:
         return
     _warned_fa_pairs.add((type_k, type_v))
@@ -446,14 +443,16 @@ class Context(NativeHandle):
 
     def clear(self) -> None:
         """Empty the KV cache (data included)."""
-        lib.llama_memory_clear(lib.llama_get_memory(self.ptr), True)
+        self.ptr  # raises ClosedError after close()
+        lib.llama_memory_clear(self._memory, True)
         self.n_past = 0
 
     def truncate(self, n_keep: int) -> None:
         """Keep the first n_keep tokens of the sequence, drop the rest."""
         if not 0 <= n_keep <= self.n_past:
             raise ValueError(f"n_keep={n_keep} is out of range; expected 0 <= n_keep <= {self.n_past}")
-        if not lib.llama_memory_seq_rm(lib.llama_get_memory(self.ptr), 0, n_keep, -1):
+        self.ptr  # raises ClosedError after close()
+        if not lib.llama_memory_seq_rm(self._memory, 0, n_keep, -1):
             self.clear()
             return
         self.n_past = n_keep

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from pyllm.context import Context, validate_kv_types
-from pyllm.errors import ConfigError, PyllmError
+from pyllm.errors import ConfigError
 from pyllm.kvtypes import KV_CACHE_TYPES, normalize_kv_cache_type
 from pyllm.model import Model
 
