@@ -137,7 +137,28 @@ def main(argv: list[str] | None = None) -> int:
                 for row in rows:
                     (native if who == "native" else ours).setdefault((kv, test_name(row)), []).append(row["avg_ts"])
             print(f"round {rnd + 1}/{args.rounds} {kv}: done", file=sys.stderr)
+            if args.out:  # after every step: a run cut short still leaves what it measured
+                write_out(args.out, raw, ratio_table(native, ours))
 
+    table = ratio_table(native, ours)
+    print(f"model: {args.model}; threads: {args.threads}; -fa {args.fa}; -r {args.repetitions}; rounds: {args.rounds}")
+    print(where(raw))
+    print(table)
+    if args.out:
+        write_out(args.out, raw, table)
+    return 0
+
+
+def where(raw: dict[str, list[dict]]) -> str:
+    """What each side ran on, from its own JSON (llama-bench: backends, gpu_info; pyllm: backend)."""
+    nat = {(r.get("backends"), r.get("gpu_info"), r.get("n_gpu_layers")) for r in raw["native"]}
+    ours = {(r.get("backend"), r.get("n_gpu_layers")) for r in raw["pyllm"]}
+    nat_s = ", ".join(f"{b} ({g or 'no GPU'}), -ngl {n}" for b, g, n in sorted(nat, key=str))
+    ours_s = ", ".join(f"{b}, -ngl {n}" for b, n in sorted(ours, key=str))
+    return f"llama-bench: {nat_s}; pyllm: {ours_s}"
+
+
+def ratio_table(native: dict, ours: dict) -> str:
     lines = ["| KV type | test | llama-bench t/s (mean) | pyllm t/s (mean) | pyllm/native (median of paired rounds) | min-max |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for key in native:
@@ -147,15 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [a / b for a, b in zip(o, n)]
         lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(n):.2f} | {statistics.fmean(o):.2f} | "
                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
-    table = "\n".join(lines)
-    print(f"model: {args.model}; threads: {args.threads}; -fa {args.fa}; -r {args.repetitions}; rounds: {args.rounds}")
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "native.json").write_text(json.dumps(raw["native"], indent=1))
-        (args.out / "pyllm.json").write_text(json.dumps(raw["pyllm"], indent=1))
-        (args.out / "ratios.md").write_text(table + "\n")
-    return 0
+    return "\n".join(lines)
+
+
+def write_out(out: Path, raw: dict[str, list[dict]], table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "native.json").write_text(json.dumps(raw["native"], indent=1))
+    (out / "pyllm.json").write_text(json.dumps(raw["pyllm"], indent=1))
+    (out / "ratios.md").write_text(where(raw) + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+START=$(date +%s)
+log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/steps.log"; }
 JOBS=$(nproc)
+# Seconds after the start by which llama-bench must be built; past it the build is stopped and
+# pyllm's side is still measured (its tables, without ratios), so one run always reports something.
+BUILD_DEADLINE=${BUILD_DEADLINE:-420}
 
 # ---- 1. python packages, offline ----
 if [ "$DRY" = 0 ]; then
@@ -31,6 +35,16 @@ if [ "$DRY" = 0 ]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH
   nvidia-smi > "$OUT/gpu.txt" 2>&1 || true
+  # The wheel links the toolkit's libcudart/libcublas without an rpath (like any CUDA program):
+  # when the loader cannot find them, look for them on this machine and put their folders on the path.
+  so=$(ls /tmp/site/pyllm/_ffi/_native*.so)
+  for lib in $(readelf -d "$so" | grep -o 'lib\(cudart\|cublas\)[^]]*'); do
+    python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$lib" 2>/dev/null && continue
+    dir=$(find /usr/local /opt /usr/lib -name "$lib" -printf '%h\n' 2>/dev/null | head -1)
+    [ -n "$dir" ] || { log "$lib: not found on this machine"; exit 2; }
+    export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    log "$lib: from $dir"
+  done
 fi
 PYLLM=(python3 -c "import sys; from pyllm.cli import main; sys.exit(main())")
 (cd /tmp && "${PYLLM[@]}" info --json) > "$OUT/info.json"
@@ -43,19 +57,22 @@ if [ ! -f vendor/llama.cpp/include/llama.h ]; then
 fi
 NATIVE_BUILD=${NATIVE_BUILD:-/tmp/native-build}
 if [ "$DRY" = 1 ]; then
-  NATIVE_BUILD=$ROOT/build/native
+  NATIVE_BUILD=${NATIVE_BUILD_DRY:-$ROOT/build/native}
   cmake_args=()
 else
   cmake_args=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-native}"
               "-DGGML_CUDA_FA_QUANTS=f16-f16;q8_0-q8_0;q4_0-q4_0" -DGGML_NATIVE=OFF)
-  # the same kernel set and CUDA options as the wheel (its build options are in info.json)
+  # kernels for the three measured pairs, and the wheel's CUDA options (from info.json)
   if python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["cuda_vmm"] is False else 1)' "$OUT/info.json"; then
     cmake_args+=(-DGGML_CUDA_NO_VMM=ON)
   fi
 fi
 log "building llama-bench in $NATIVE_BUILD (${cmake_args[*]:-cpu})"
-( cmake -S benchmarks/native -B "$NATIVE_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" > "$OUT/native-configure.log" 2>&1 &&
-  cmake --build "$NATIVE_BUILD" --target llama-bench -j "$JOBS" > "$OUT/native-build.log" 2>&1 ) &
+export -f log; export OUT START NATIVE_BUILD JOBS
+setsid bash -c 't0=$(date +%s)
+  cmake -S benchmarks/native -B "$NATIVE_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" > "$OUT/native-configure.log" 2>&1 &&
+  cmake --build "$NATIVE_BUILD" --target llama-bench -j "$JOBS" > "$OUT/native-build.log" 2>&1 || exit 1
+  log "llama-bench built in $(( $(date +%s) - t0 ))s"' build "${cmake_args[@]}" &
 build_pid=$!
 
 # ---- 3. model + gpu tests (while llama-bench compiles) ----
@@ -67,22 +84,48 @@ else
 fi
 log "model: $MODEL ($(du -h "$MODEL" | cut -f1))"
 set +e
-PYLLM_GPU_MODEL=$MODEL python3 -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
-  --import-mode=importlib tests/gpu -ra --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
+# On the GPU machine a skipped GPU test is a failure (PYLLM_REQUIRE_GPU).
+require=$(( 1 - DRY ))
+# (from /tmp: `python3 -m` puts the cwd first on sys.path, and the source tree's pyllm/ has no extension)
+(cd /tmp && PYLLM_REQUIRE_GPU=$require PYLLM_GPU_MODEL=$MODEL timeout 300 python3 -m pytest -q -p no:cacheprovider \
+  --rootdir "$ROOT" -c "$ROOT/pyproject.toml" --import-mode=importlib "$ROOT/tests/gpu" -ra) > "$OUT/gpu-tests.txt" 2>&1
 tests_rc=$?
-set -e
 log "gpu tests: rc=$tests_rc, $(tail -1 "$OUT/gpu-tests.txt")"
+# The user-facing commands on the device: the plan against the GPU's free memory, and one generation.
+ngl=$(( DRY ? 0 : 99 )); mem=$([ "$DRY" = 1 ] && echo 8GiB || echo gpu)
+(cd /tmp && "${PYLLM[@]}" plan -m "$MODEL" -ngl $ngl --memory $mem -ctk f16,q8_0,q4_0 -fa on) > "$OUT/plan.txt" 2>&1
+log "plan: rc=$?"
+(cd /tmp && KV_CACHE_TYPE=q8_0 "${PYLLM[@]}" generate -m "$MODEL" -ngl $ngl -fa on -n 64 --temp 0 "The quick brown fox") \
+  > "$OUT/generate.txt" 2>&1
+log "generate: rc=$?, $(tail -1 "$OUT/generate.txt")"
+set -e
 
-wait $build_pid || { log "llama-bench build failed: see native-build.log"; exit 1; }
-log "llama-bench built"
+while kill -0 $build_pid 2>/dev/null && [ $(( $(date +%s) - START )) -lt "$BUILD_DEADLINE" ]; do sleep 2; done
+native_ok=0
+if kill -0 $build_pid 2>/dev/null; then
+  kill -- -$build_pid 2>/dev/null || true
+  log "llama-bench not built by +${BUILD_DEADLINE}s (stopped at: $(tail -c 300 "$OUT/native-build.log" | tr '\r' '\n' | grep -o '\[[0-9]*/[0-9]*\]' | tail -1)): pyllm alone"
+elif wait $build_pid; then
+  native_ok=1
+else
+  log "llama-bench build failed: see native-configure.log / native-build.log"
+fi
 
 # ---- 4. pyllm bench vs llama-bench ----
 if [ "$DRY" = 1 ]; then
-  bench=(-p 64 -n 16 -d 0,256 -ngl 0 -r 1 --rounds 1)
+  bench=(-p 64 -n 16 -d 0,256 -ngl 0 -r 1); rounds=1
 else
-  bench=(-p 512 -n 128 -d 0,8192 -ngl 99 -r 3 --rounds 2)
+  bench=(-p 512 -n 128 -d 0,8192 -ngl 99 -r 3); rounds=2
 fi
-python3 benchmarks/compare_native.py -m "$MODEL" --native-bin "$NATIVE_BUILD/bin/llama-bench" --kv f16,q8_0,q4_0 \
-  -fa on "${bench[@]}" --out "$OUT" | tee "$OUT/summary.md"
-log "done: tables in $OUT (ratios.md, native.json, pyllm.json, gpu-tests.txt)"
+if [ "$native_ok" = 1 ]; then
+  python3 benchmarks/compare_native.py -m "$MODEL" --native-bin "$NATIVE_BUILD/bin/llama-bench" --kv f16,q8_0,q4_0 \
+    -fa on "${bench[@]}" --rounds $rounds --out "$OUT" | tee "$OUT/summary.md"
+else
+  for kv in f16 q8_0 q4_0; do
+    (cd /tmp && "${PYLLM[@]}" bench -m "$MODEL" -ctk $kv -ctv $kv -fa on "${bench[@]}" -o md --no-progress) \
+      | tee -a "$OUT/pyllm-only.md"
+  done
+fi
+log "done: tables in $OUT (ratios.md or pyllm-only.md, native.json, pyllm.json, gpu-tests.txt, plan.txt)"
+[ "$native_ok" = 1 ] || exit 3
 exit $tests_rc

@@ -11,6 +11,13 @@ from pathlib import Path
 try:
     from pyllm._ffi._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only on a broken or missing build
+    if "libcudart" in str(exc) or "libcublas" in str(exc):
+        raise ImportError(
+            f"pyllm's CUDA build could not load the CUDA runtime: {exc}. The wheel links the toolkit's "
+            "libcudart and libcublas dynamically: put their folder on the loader's path, e.g. "
+            "`export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH` (or the lib folder of the "
+            "nvidia-cuda-runtime / nvidia-cublas wheels), then import again."
+        ) from exc
     raise ImportError(
         "pyllm's compiled extension (pyllm._ffi._native) could not be imported: "
         f"{exc}. Build and install the package with `python3 vendor/fetch.py && pip install .` "

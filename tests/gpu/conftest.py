@@ -20,6 +20,9 @@ def _gpu_available() -> tuple[bool, str]:
 
 def pytest_collection_modifyitems(config, items):
     ok, why = _gpu_available()
+    if not ok and os.environ.get("PYLLM_REQUIRE_GPU") == "1":
+        # On the GPU machine (benchmarks/gpu_check.sh) a skip would hide a broken CUDA build.
+        raise pytest.UsageError(f"PYLLM_REQUIRE_GPU=1 but the GPU tests cannot run: {why}")
     for item in items:
         if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.gpu)

@@ -67,3 +67,20 @@ def test_error_paths_on_the_device(model):
             warnings.simplefilter("always")
             Context(model, n_ctx=512, n_batch=512, type_k="q8_0", type_v="q4_0", flash_attn="on").close()
         assert any("PYLLM_CUDA_FA_QUANTS" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0", "q4_0"])
+def test_plan_on_the_device_matches_the_allocation(model, gpu_model_path, kv):
+    from pyllm.devices import gpus
+    from pyllm.plan import make_plan
+
+    plan = make_plan(str(gpu_model_path), type_k=[kv], n_ctx=8192, memory="gpu", n_gpu_layers=99, n_batch=512,
+                     flash_attn="on")
+    (row,) = plan.rows
+    assert plan.budget_source.startswith("free memory of CUDA") and 0 < plan.budget <= gpus()[0].total
+    with Context(model, n_ctx=8192, n_batch=512, type_k=kv, type_v=kv, flash_attn="on") as ctx:
+        real = ctx.kv_cache_bytes()
+    assert row.kv_bytes == pytest.approx(real.total, rel=0.01)
+    kv_where = {name: d["context"] for name, d in row.devices.items() if d["context"]}
+    assert kv_where and all(n.startswith("CUDA") and "host" not in n.lower() for n in kv_where), kv_where
+    assert row.max_ctx == min(row.max_ctx_uncapped, row.n_ctx_train) and row.max_ctx > 8192
