@@ -78,9 +78,12 @@ build_pid=$!
 # ---- 3. model + gpu tests (while llama-bench compiles) ----
 MODEL=${MODEL:-/tmp/pyllm-gpu-check.gguf}
 if [ "$DRY" = 1 ]; then
-  python3 tests/synthetic_gguf.py llama "$MODEL" n_embd=256 n_layer=4 n_head=8 n_head_kv=2 n_ff=512 > /dev/null
+  python3 tests/synthetic_gguf.py llama "$MODEL" n_embd=256 n_layer=4 n_head=8 n_head_kv=2 n_ff=512 n_vocab=${N_VOCAB:-0} > /dev/null
 else
-  python3 tests/synthetic_gguf.py llama "$MODEL" n_embd=1024 n_layer=16 n_head=16 n_head_kv=4 n_ff=4096 n_ctx_train=32768 > /dev/null
+  # N_VOCAB: the README's H200 figures used the 259-token byte vocabulary (the default); N_VOCAB=151936
+  # sizes the output layer, the logits read per token and pyllm's greedy argmax like a real model's.
+  python3 tests/synthetic_gguf.py llama "$MODEL" n_embd=1024 n_layer=16 n_head=16 n_head_kv=4 n_ff=4096 n_ctx_train=32768 \
+    n_vocab=${N_VOCAB:-0} > /dev/null
 fi
 log "model: $MODEL ($(du -h "$MODEL" | cut -f1))"
 set +e

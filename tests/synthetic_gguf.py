@@ -6,7 +6,7 @@
   KV cache holds one compressed latent (kv_lora_rank + rope dims) per token and layer.
 
 Both use a byte-level SPM vocabulary (<unk>, <s>, </s> and the 256 byte tokens), so any text
-tokenizes. Usable from tests and scripts: ``python3 tests/synthetic_gguf.py llama OUT.gguf``.
+tokenizes; ``write_llama(..., n_vocab=N)`` pads it to a realistic size. Usable from tests and scripts: ``python3 tests/synthetic_gguf.py llama OUT.gguf``.
 """
 from __future__ import annotations
 
@@ -27,9 +27,15 @@ def _gguf():
     return gguf
 
 
-def _vocab(w, gguf) -> int:
+def _vocab(w, gguf, n_vocab: int = 0) -> int:
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    if n_vocab > len(tokens):
+        # Pad to a realistic vocabulary size (e.g. 151936) with distinct normal pieces: the output
+        # layer, the logits copied per token and the greedy argmax then cost what they do for a real model.
+        pad = n_vocab - len(tokens)
+        tokens += ["\u2581".encode()] + [f"\u2581t{i}".encode() for i in range(pad - 1)]  # "\u2581": the space
+        types += [gguf.TokenType.NORMAL] * pad
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * len(tokens))
@@ -60,14 +66,14 @@ def _rand(rng, *shape, dtype=np.float16, scale=0.02):
 
 
 def write_llama(path, *, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=512, n_ctx_train=8192,
-                seed=0, dtype=np.float16) -> Path:
-    """A llama model with GQA; head size n_embd / n_head."""
+                seed=0, dtype=np.float16, n_vocab=0) -> Path:
+    """A llama model with GQA; head size n_embd / n_head; n_vocab > 259 pads the byte vocabulary."""
     gguf = _gguf()
     rng = np.random.default_rng(seed)
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"synthetic-llama-{n_layer}L-{n_embd}")
-    n_vocab = _vocab(w, gguf)
+    n_vocab = _vocab(w, gguf, n_vocab)
     hd = n_embd // n_head
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)

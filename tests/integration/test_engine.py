@@ -182,3 +182,20 @@ def test_wrapping_handles_created_elsewhere_does_not_take_ownership(model):
         owner.clear()
         owner.decode(model.tokenize("Hello"))
     assert pyllm.build_info()["version"] == pyllm.VERSION and pyllm.Engine is Engine
+
+
+def test_synthetic_model_with_a_realistic_vocabulary(synthetic, tmp_path):
+    # The GPU check's model option: a 32,000-entry vocabulary, so the output layer, the per-token
+    # logits and the greedy argmax are sized like a real model's.
+    path = synthetic.write_llama(tmp_path / "vocab32k.gguf", n_embd=64, n_layer=2, n_head=4, n_head_kv=2,
+                                 n_ff=128, n_vocab=32000)
+    with Model(path) as m:
+        assert m.n_vocab == 32000
+        assert m.detokenize(m.tokenize("hello, world", add_special=False)) == "hello, world"
+        cfg = EngineConfig(model_path=str(path), n_ctx=256, n_threads=2)
+        with Engine(cfg, model=m) as engine:
+            a = engine.generate("hello", max_tokens=16, ignore_eos=True)
+            engine.reset()
+            b = engine.generate("hello", max_tokens=16, ignore_eos=True)
+    assert a.tokens == b.tokens and len(a.tokens) == 16 and all(0 <= t < 32000 for t in a.tokens)
+    assert any(t >= 259 for t in a.tokens)  # the padded entries take part in the argmax
