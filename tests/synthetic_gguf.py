@@ -6,7 +6,8 @@
   KV cache holds one compressed latent (kv_lora_rank + rope dims) per token and layer.
 
 Both use a byte-level SPM vocabulary (<unk>, <s>, </s> and the 256 byte tokens), so any text
-tokenizes; ``write_llama(..., n_vocab=N)`` pads it to a realistic size. Usable from tests and scripts: ``python3 tests/synthetic_gguf.py llama OUT.gguf``.
+tokenizes; ``write_llama(..., n_vocab=N)`` pads it to a realistic size. Usable from tests and
+scripts: ``python3 tests/synthetic_gguf.py llama OUT.gguf [n_vocab=151936 ...]``.
 """
 from __future__ import annotations
 
