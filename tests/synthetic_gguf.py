@@ -55,6 +55,12 @@ def _finish(w) -> None:
     w.close()
 
 
+def _embeddings_and_output(w, rng, n_vocab: int, n_embd: int, dtype) -> None:
+    w.add_tensor("token_embd.weight", _rand(rng, n_vocab, n_embd, dtype=dtype))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", _rand(rng, n_vocab, n_embd, dtype=dtype))
+
+
 def _ffn_and_norms(w, rng, p: str, n_embd: int, n_ff: int, dtype) -> None:
     w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
     w.add_tensor(p + "ffn_gate.weight", _rand(rng, n_ff, n_embd, dtype=dtype))
@@ -85,9 +91,7 @@ def write_llama(path, *, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=512,
     w.add_rope_dimension_count(hd)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == np.float16 else gguf.LlamaFileType.ALL_F32)
-    w.add_tensor("token_embd.weight", _rand(rng, n_vocab, n_embd, dtype=dtype))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", _rand(rng, n_vocab, n_embd, dtype=dtype))
+    _embeddings_and_output(w, rng, n_vocab, n_embd, dtype)
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
@@ -131,9 +135,7 @@ def write_mla(path, *, n_embd=256, n_layer=3, n_head=8, kv_lora_rank=128, qk_nop
     w.add_expert_count(0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     f16 = np.float16
-    w.add_tensor("token_embd.weight", _rand(rng, n_vocab, n_embd, dtype=f16))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", _rand(rng, n_vocab, n_embd, dtype=f16))
+    _embeddings_and_output(w, rng, n_vocab, n_embd, f16)
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
