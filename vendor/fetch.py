@@ -29,13 +29,17 @@ PIN_FILE = HERE / "llama.cpp.pin"
 DEST = HERE / "llama.cpp"
 CACHE = HERE / ".cache"
 STAMP_NAME = ".pyllm-fetched"
+# Bumped whenever what is kept changes, so an existing tree is extracted again.
+LAYOUT = "2"
 
 # Path prefixes (relative to the llama.cpp root) that no build or test of ours needs.
-# tools/ is kept: llama-bench and llama-perplexity are built from it by benchmarks/.
+# tools/ is kept: llama-bench, llama-perplexity and llama-batched-bench are built from it by benchmarks/,
+# and tools/rpc holds llama.cpp's rpc-server. models/templates/ holds the real chat templates that
+# pyllm's chat module offers by name.
 DROP_PREFIXES = (
-    "docs/", "examples/", "media/", "models/templates/", "ci/", "scripts/", ".devops/",
+    "docs/", "examples/", "media/", "ci/", "scripts/", ".devops/",
     ".github/", "tests/", "grammars/", "prompts/", "pocs/", "requirements/", "licenses/",
-    "tools/server/", "tools/mtmd/", "tools/run/", "tools/tts/", "tools/rpc/",
+    "tools/server/", "tools/mtmd/", "tools/run/", "tools/tts/",
     "ggml/src/ggml-vulkan/", "ggml/src/ggml-sycl/", "ggml/src/ggml-metal/", "ggml/src/ggml-cann/",
     "ggml/src/ggml-musa/", "ggml/src/ggml-opencl/", "ggml/src/ggml-kompute/", "ggml/src/ggml-webgpu/",
     "ggml/src/ggml-zdnn/", "ggml/src/ggml-hexagon/",
@@ -114,6 +118,8 @@ def _keep(rel: str, size: int) -> bool:
         return False
     if any(rel.startswith(p) for p in DROP_PREFIXES):
         return False
+    if rel.startswith("models/templates/"):
+        return True
     if rel.startswith("models/"):
         return rel.startswith("models/ggml-vocab-") and rel.endswith(".gguf") and size <= KEEP_MODEL_MAX_BYTES
     return True
@@ -142,7 +148,7 @@ def extract(sdist: Path, pin: dict[str, str]) -> tuple[int, int]:
         if not kept:
             raise FetchError(f"{sdist} has no {root_prefix} tree")
         tar.extractall(tmp_dest, members=members, filter="data")
-    (tmp_dest / STAMP_NAME).write_text(f"{pin['sdist_sha256']} {pin['llama_cpp_commit']}\n")
+    (tmp_dest / STAMP_NAME).write_text(f"{pin['sdist_sha256']} {pin['llama_cpp_commit']} layout={LAYOUT}\n")
     if DEST.exists():
         shutil.rmtree(DEST)
     tmp_dest.rename(DEST)
@@ -151,7 +157,7 @@ def extract(sdist: Path, pin: dict[str, str]) -> tuple[int, int]:
 
 def up_to_date(pin: dict[str, str]) -> bool:
     stamp = DEST / STAMP_NAME
-    return stamp.exists() and stamp.read_text().split()[:1] == [pin["sdist_sha256"]]
+    return stamp.exists() and stamp.read_text().split() == [pin["sdist_sha256"], pin["llama_cpp_commit"], f"layout={LAYOUT}"]
 
 
 def main(argv: list[str] | None = None) -> int:
