@@ -1,6 +1,7 @@
 """Ownership of native handles: idempotent close(), `with` support, use-after-close raises."""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 from pyllm._ffi import ffi
@@ -22,6 +23,11 @@ class NativeHandle:
             raise ValueError(f"cannot wrap a NULL {self._kind}")
         self._owned = owned and free is not None
         self._ptr = ffi.gc(ptr, free) if self._owned else ptr
+        self._dependents: "weakref.WeakSet[NativeHandle]" = weakref.WeakSet()
+
+    def add_dependent(self, handle: "NativeHandle") -> None:
+        """A handle that uses this one (a context of a model): close() closes it first."""
+        self._dependents.add(handle)
 
     @property
     def closed(self) -> bool:
@@ -45,6 +51,8 @@ class NativeHandle:
         return self._owned
 
     def _release(self) -> None:
+        for dep in list(getattr(self, "_dependents", ())):
+            dep.close()
         p, self._ptr = self._ptr, None
         if p is not None and self._owned:
             ffi.release(p)  # runs the destructor now, and disarms ffi.gc

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyllm._ffi import ffi, lib
+from pyllm._runtime import ensure_backend
 from pyllm.kvtypes import KV_CACHE_TYPES
 
 
@@ -33,8 +34,6 @@ def compiled_fa_pairs() -> list[tuple[str, str]]:
 
 def build_info() -> dict[str, Any]:
     """The build identity baked into the extension, plus what llama.cpp reports at run time."""
-    from pyllm.model import ensure_backend
-
     ensure_backend()  # backends register (and may log, e.g. "no CUDA driver") through our log routing
     backends = [b for b in _s(lib.pyllm_build_backends()).split(",") if b]
     fa_quants = _s(lib.pyllm_build_fa_quants())

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from pyllm._ffi import ffi, lib
-from pyllm.model import ensure_backend
+from pyllm._runtime import ensure_backend
 
 _TYPES = {
     int(lib.GGML_BACKEND_DEVICE_TYPE_CPU): "cpu",
@@ -41,3 +42,11 @@ def devices() -> list[Device]:
 
 def gpus() -> list[Device]:
     return [d for d in devices() if d.type == "gpu"]
+
+
+def resolve_gpu_layers(n_gpu_layers: Optional[int]) -> int:
+    """-ngl as given, or its default when None: every layer where a GPU is visible, else 0 (one rule
+    for every command)."""
+    if n_gpu_layers is not None:
+        return n_gpu_layers
+    return 99 if gpus() else 0

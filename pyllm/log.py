@@ -1,20 +1,19 @@
 """Route llama.cpp's and ggml's native log messages into Python ``logging``.
 
 Messages go to the ``pyllm.native`` logger (quiet at WARNING unless the application
-configures it). Recent WARN/ERROR lines are kept in a small ring buffer so that an
-exception can carry llama.cpp's own reason (llama.cpp has no ``error_last()``), and a
-thread can capture every line emitted during one native call (``capture()``).
+configures it). llama.cpp has no ``error_last()``, so a thread can capture every line emitted
+during one native call (``capture()``) and an exception carries llama.cpp's own reason from them.
+The C callback itself is installed by :mod:`pyllm._runtime`, which feeds :func:`feed`.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import re
 import threading
 from typing import Iterator
 
-from pyllm._ffi import ffi, lib
+from pyllm._ffi import lib
 
 logger = logging.getLogger("pyllm.native")
 
@@ -27,10 +26,7 @@ _LEVELS = {
 }
 _CONT = int(lib.GGML_LOG_LEVEL_CONT)
 
-_recent: collections.deque[str] = collections.deque(maxlen=32)
 _local = threading.local()
-_installed = False
-_install_lock = threading.Lock()
 
 
 class _LineAssembler:
@@ -59,65 +55,16 @@ def _assembler() -> _LineAssembler:
 
 
 def _emit(level: int, line: str) -> None:
-    if level >= logging.WARNING:
-        _recent.append(line)
     for sink in getattr(_local, "captures", ()):
         sink.append(line)
     if logger.isEnabledFor(level):
         logger.log(level, "%s", line)
 
 
-def store_callback_error(exc: BaseException) -> None:
-    """Keep an exception raised inside a Python callback called from C; raise_pending() re-raises it."""
-    if getattr(_local, "pending", None) is None:
-        _local.pending = exc
-
-
-def raise_pending() -> None:
-    """Re-raise (once) an exception a Python callback raised while C was running on this thread."""
-    exc = getattr(_local, "pending", None)
-    if exc is not None:
-        _local.pending = None
-        raise exc
-
-
-def _on_callback_error(exc_type, exc_value, tb) -> None:
-    # cffi calls this for an exception that escaped a callback, including one raised on entry
-    # (a KeyboardInterrupt from Ctrl-C lands wherever Python code runs next, callbacks included).
-    store_callback_error(exc_value if exc_value is not None else exc_type())
-
-
-@ffi.def_extern(onerror=_on_callback_error)
-def _pyllm_log_callback(level, text, user_data):  # noqa: ARG001 - signature fixed by ggml_log_callback
-    # Runs inside C: an exception cannot cross it, so it is stored and re-raised once C returns.
-    try:
-        if text == ffi.NULL:
-            return
-        for lvl, line in _assembler().feed(int(level), ffi.string(text).decode("utf-8", "replace")):
-            _emit(lvl, line)
-    except BaseException as exc:
-        store_callback_error(exc)
-
-
-def install() -> None:
-    """Install the native log callback once per process (idempotent)."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)
-        lib.llama_log_set(lib._pyllm_log_callback, ffi.NULL)
-        _installed = True
-
-
-def recent_errors(n: int = 8) -> list[str]:
-    """The last native WARN/ERROR lines, oldest first."""
-    return list(_recent)[-n:]
-
-
-def clear_recent() -> None:
-    _recent.clear()
+def feed(level: int, text: str) -> None:
+    """One native log call (possibly a partial line): log the whole lines it completes."""
+    for lvl, line in _assembler().feed(level, text):
+        _emit(lvl, line)
 
 
 @contextlib.contextmanager

@@ -2,41 +2,26 @@
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
+from pyllm import _runtime
 from pyllm import log as native_log
+from pyllm._runtime import ensure_backend
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
 from pyllm.errors import ChatTemplateError, ModelLoadError, TokenizeError, VocabOnlyError
 
-if TYPE_CHECKING:
-    from pyllm.context import Context
-
-_backend_lock = threading.Lock()
-_backend_ready = False
 GGUF_MAGIC = b"GGUF"
 
 
-def ensure_backend() -> None:
-    """llama_backend_init once per process, with native logs routed to Python first."""
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            native_log.install()
-            lib.llama_backend_init()
-            _backend_ready = True
-
-
-@ffi.def_extern(onerror=native_log._on_callback_error)
+@ffi.def_extern(onerror=_runtime.on_callback_error)
 def _pyllm_progress_callback(progress, user_data):
     # Runs inside C: an exception cancels the load and is re-raised by Model() once C returns.
     try:
         return ffi.from_handle(user_data)(float(progress)) is not False
     except BaseException as exc:
-        native_log.store_callback_error(exc)
+        _runtime.store_callback_error(exc)
         return False
 
 
@@ -97,7 +82,7 @@ class Model(NativeHandle):
         with native_log.capture() as lines:
             ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         try:
-            native_log.raise_pending()
+            _runtime.raise_pending()
         except BaseException:
             if ptr != ffi.NULL:
                 lib.llama_model_free(ptr)
@@ -126,20 +111,14 @@ class Model(NativeHandle):
         return self
 
     def _init_common(self) -> None:
-        self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
         self._vocab = lib.llama_model_get_vocab(self._ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._piece_buf = ffi.new("char[]", 256)
 
     # ---- lifetime ----
     def close(self) -> None:
-        """Free the model, closing every context created from it first. Idempotent."""
-        for ctx in list(getattr(self, "_contexts", ())):
-            ctx.close()
+        """Free the model, closing every context created from it first (its dependents). Idempotent."""
         self._release()
-
-    def _register_context(self, ctx: "Context") -> None:
-        self._contexts.add(ctx)
 
     @property
     def vocab_ptr(self):
