@@ -8,6 +8,9 @@
 #include "llama-hparams.h"
 #include "llama-context.h"
 #include "llama-model.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-memory-hybrid.h"
 
 #include <atomic>
 #if defined(__AVX2__)
@@ -24,6 +27,31 @@
 #error "PYLLM_VERSION must be defined by the build"
 #endif
 
+// llama_kv_cache counts its own K and V bytes (the figures of its "K (f16): .. MiB, V (f16): .. MiB" log
+// line) in private members. An explicit template instantiation may name a private member ([temp.spec]/6
+// waives access checking there), which hands out the member pointers without copying llama.cpp's logic.
+namespace {
+template <typename Tag, typename Tag::type M> struct expose_member {
+    friend typename Tag::type get(Tag) { return M; }
+};
+struct kv_size_k { using type = size_t (llama_kv_cache::*)() const; friend type get(kv_size_k); };
+struct kv_size_v { using type = size_t (llama_kv_cache::*)() const; friend type get(kv_size_v); };
+template struct expose_member<kv_size_k, &llama_kv_cache::size_k_bytes>;
+template struct expose_member<kv_size_v, &llama_kv_cache::size_v_bytes>;
+
+void add_kv_cache(const llama_kv_cache * kv, pyllm_kv_cache_bytes * out, int32_t n_max, int32_t & n) {
+    if (kv == nullptr) {
+        return;
+    }
+    if (n < n_max) {
+        out[n].k       = (kv->*get(kv_size_k{}))();
+        out[n].v       = (kv->*get(kv_size_v{}))();
+        out[n].n_cells = kv->get_size();
+    }
+    ++n;
+}
+}  // namespace
+
 extern "C" {
 
 const char * pyllm_build_version(void) { return PYLLM_VERSION; }
@@ -35,7 +63,6 @@ int          pyllm_build_cuda_vmm(void) { return PYLLM_CUDA_VMM; }
 
 static volatile sig_atomic_t g_sigint_pending = 0;
 static struct sigaction g_sigint_prev;
-static int g_sigint_installed = 0;
 
 static void pyllm_on_sigint(int sig, siginfo_t * info, void * uctx) {
     g_sigint_pending = 1;
@@ -49,16 +76,18 @@ static void pyllm_on_sigint(int sig, siginfo_t * info, void * uctx) {
 }
 
 int pyllm_sigint_install(void) {
-    if (g_sigint_installed) {
-        return 1;
-    }
     struct sigaction current;
     if (sigaction(SIGINT, nullptr, &current) != 0) {
         return 0;
     }
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == pyllm_on_sigint) {
+        return 1;  // already ours
+    }
     if (!(current.sa_flags & SA_SIGINFO) && (current.sa_handler == SIG_IGN || current.sa_handler == SIG_DFL)) {
         return 0;  // nobody would turn the signal into an exception: leave the process's choice alone
     }
+    // Not installed yet, or replaced since (signal.signal() sets Python's own handler again): chain to
+    // whatever handles the signal now.
     struct sigaction ours;
     std::memset(&ours, 0, sizeof(ours));
     ours.sa_sigaction = pyllm_on_sigint;
@@ -68,7 +97,6 @@ int pyllm_sigint_install(void) {
     if (sigaction(SIGINT, &ours, nullptr) != 0) {
         return 0;
     }
-    g_sigint_installed = 1;
     return 1;
 }
 
@@ -229,6 +257,20 @@ int32_t pyllm_memory_breakdown(const struct llama_context * ctx, pyllm_buft_memo
     } catch (...) {
         return -1;
     }
+}
+
+int32_t pyllm_context_kv_bytes(const struct llama_context * ctx, pyllm_kv_cache_bytes * out, int32_t n_max) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    int32_t n = 0;
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        add_kv_cache(kv, out, n_max, n);
+    } else if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        add_kv_cache(iswa->get_base(), out, n_max, n);
+        add_kv_cache(iswa->get_swa(), out, n_max, n);
+    } else if (auto * hybrid = dynamic_cast<llama_memory_hybrid *>(mem)) {
+        add_kv_cache(hybrid->get_mem_attn(), out, n_max, n);
+    }
+    return n;
 }
 
 int32_t pyllm_model_n_layer(const struct llama_model * model) {

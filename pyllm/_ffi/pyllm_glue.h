@@ -39,6 +39,15 @@ typedef struct pyllm_buft_memory {
 } pyllm_buft_memory;
 int32_t pyllm_memory_breakdown(const struct llama_context * ctx, pyllm_buft_memory * out, int32_t n_max);
 
+/* The attention KV caches of a context (one; two for sliding-window models: base then SWA) with
+   llama_kv_cache's own K and V byte counts. Returns how many there are (may exceed n_max). */
+typedef struct pyllm_kv_cache_bytes {
+    uint64_t k;
+    uint64_t v;
+    uint32_t n_cells;
+} pyllm_kv_cache_bytes;
+int32_t pyllm_context_kv_bytes(const struct llama_context * ctx, pyllm_kv_cache_bytes * out, int32_t n_max);
+
 /* Model shape as llama.cpp's hparams see it: per-layer K/V head sizes (what the KV block size must
    divide), and whether the model uses MLA (K and V cache types must then be equal). */
 int32_t pyllm_model_n_layer(const struct llama_model * model);
