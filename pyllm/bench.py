@@ -21,11 +21,11 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from pyllm.config import EngineConfig
-from pyllm.context import default_threads
+from pyllm.config import EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type, check_threads
+from pyllm.context import default_threads, validate_kv_types
+from pyllm.devices import resolve_gpu_layers
 from pyllm.engine import GREEDY, Engine
-from pyllm.errors import ConfigError, PyllmError
-from pyllm.kvtypes import KV_CACHE_TYPES, is_quantized, normalize_kv_cache_type
+from pyllm.errors import KVCacheConfigError, PyllmError
 from pyllm.model import Model
 
 
@@ -82,54 +82,39 @@ class BenchParams:
     n_prompt: Sequence[int] = (512,)
     n_gen: Sequence[int] = (128,)
     n_depth: Sequence[int] = (0,)
-    type_k: Sequence[str] = ("f16",)
-    type_v: Sequence[str] = ("f16",)
+    kv_pairs: Sequence[tuple[str, str]] = (("f16", "f16"),)   # see pyllm.config.kv_pairs
     flash_attn: Sequence[str] = ("auto",)
     n_batch: int = 2048
     n_ubatch: int = 512
-    n_threads: int = 0                # 0: the CPUs available (llama-bench: physical cores)
-    n_gpu_layers: int = 99
+    n_threads: Optional[int] = None   # None: the CPUs available (llama-bench: physical cores)
+    n_gpu_layers: Optional[int] = None  # None: all where a GPU is visible, else 0
     repetitions: int = 5
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        for name in ("type_k", "type_v"):
-            canon = []
-            for t in getattr(self, name):
-                c = normalize_kv_cache_type(t)
-                if c is None:
-                    raise ConfigError(f"-{'ctk' if name == 'type_k' else 'ctv'} {t!r} is not a KV cache type; "
-                                      f"expected one of: {', '.join(KV_CACHE_TYPES)}")
-                canon.append(c)
-            setattr(self, name, tuple(canon))
-        for fa in self.flash_attn:
-            if fa not in ("on", "off", "auto"):
-                raise ConfigError(f"-fa {fa!r} is not valid; expected on, off or auto")
-        for name in ("n_prompt", "n_gen", "n_depth"):
-            for v in getattr(self, name):
-                if v < 0:
-                    raise ConfigError(f"{name}={v} is out of range; expected >= 0")
-        if self.repetitions < 1:
-            raise ConfigError(f"repetitions={self.repetitions} is out of range; expected >= 1")
-        if self.n_batch < 1 or self.n_ubatch < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got -b {self.n_batch} -ub {self.n_ubatch}")
-        if self.n_threads < 0:
-            raise ConfigError(f"threads={self.n_threads} is out of range; expected >= 1")
+        self.kv_pairs = tuple((check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in self.kv_pairs)
+        self.flash_attn = tuple(check_flash_attn("-fa", fa) for fa in self.flash_attn)
+        for flag, values in (("-p", self.n_prompt), ("-n", self.n_gen), ("-d", self.n_depth)):
+            for v in values:
+                check_int(flag, v, minimum=0)
+        check_int("-r", self.repetitions, minimum=1)
+        check_batch_sizes(0, self.n_batch, self.n_ubatch)
+        check_threads("-t", self.n_threads)
 
     def tests(self) -> list[tuple[str, str, str, int, int, int]]:
         """(type_k, type_v, fa, n_prompt, n_gen, n_depth) in llama-bench's order: pp tests, then tg."""
         out = []
-        for k, v, fa, d in itertools.product(self.type_k, self.type_v, self.flash_attn, self.n_depth):
+        for (k, v), fa, d in itertools.product(self.kv_pairs, self.flash_attn, self.n_depth):
             out += [(k, v, fa, p, 0, d) for p in self.n_prompt if p > 0]
             out += [(k, v, fa, 0, g, d) for g in self.n_gen if g > 0]
         return out
 
 
 def skip_reason(type_k: str, type_v: str, fa: str, model: Model) -> Optional[str]:
-    if is_quantized(type_v) and fa == "off":
-        return f"quantized V cache ({type_v}) requires flash attention (-fa on or auto)"
-    if model.requires_equal_kv_types and type_k != type_v:
-        return "this MLA model requires equal K and V cache types"
+    try:
+        validate_kv_types(model, type_k, type_v, fa)
+    except KVCacheConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -139,9 +124,10 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
 
     backend = ",".join(b for b in build_info()["backends"] if b != "CPU") or "CPU"
     threads = params.n_threads or default_threads()
+    ngl = resolve_gpu_layers(params.n_gpu_layers)
     rng = np.random.default_rng(params.seed)
     rows: list[BenchRow] = []
-    with Model(params.model_path, n_gpu_layers=params.n_gpu_layers) as model:
+    with Model(params.model_path, n_gpu_layers=ngl) as model:
         n_vocab = model.n_vocab
         first = [model.bos] if model.add_bos else []
 
@@ -153,7 +139,7 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
 
         for k, v, fa, n_prompt, n_gen, n_depth in params.tests():
             row = BenchRow(model=model.desc, model_size=model.size, model_n_params=model.n_params, backend=backend,
-                           n_threads=threads, n_gpu_layers=params.n_gpu_layers, n_batch=params.n_batch,
+                           n_threads=threads, n_gpu_layers=ngl, n_batch=params.n_batch,
                            n_ubatch=params.n_ubatch, type_k=k, type_v=v, flash_attn=fa, flash_attn_effective=None,
                            n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth)
             rows.append(row)
@@ -167,7 +153,7 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
             cfg = EngineConfig(model_path=params.model_path, n_ctx=n_ctx, n_batch=min(params.n_batch, n_ctx),
                                n_ubatch=min(params.n_ubatch, params.n_batch, n_ctx), n_threads=threads,
                                n_threads_batch=threads, flash_attn=fa, kv_cache_type_k=k, kv_cache_type_v=v,
-                               n_gpu_layers=params.n_gpu_layers)
+                               n_gpu_layers=ngl)
             try:
                 engine = Engine(cfg, model=model)
             except PyllmError as exc:

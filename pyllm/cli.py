@@ -9,45 +9,92 @@ from typing import Optional, Sequence
 
 from pyllm.errors import PyllmError
 
-log = logging.getLogger("pyllm")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF model file (env MODEL_PATH; default: the default model)")
-    p.add_argument("-c", "--ctx-size", type=int, help="context length in tokens (env MAX_CONTEXT_LENGTH; default 4096)")
-    p.add_argument("-b", "--batch-size", type=int, help="logical batch size (env LLAMA_BATCH_SIZE)")
-    p.add_argument("-ub", "--ubatch-size", type=int, help="physical batch size (env LLAMA_UBATCH_SIZE)")
-    p.add_argument("-t", "--threads", type=int, help="threads (env LLAMA_THREADS; default: available CPUs)")
-    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int,
-                   help="layers to offload to the GPU (env GPU_LAYERS; 99 = all)")
-    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), help="flash attention (env FLASH_ATTN; default auto)")
-    p.add_argument("-ctk", "--cache-type-k", help="K cache type (env KV_CACHE_TYPE_K / KV_CACHE_TYPE)")
-    p.add_argument("-ctv", "--cache-type-v", help="V cache type (env KV_CACHE_TYPE_V / KV_CACHE_TYPE)")
-    p.add_argument("--kv-cache-type", help="K and V cache type (env KV_CACHE_TYPE)")
+# Settings every engine-backed subcommand takes (a subset for list commands; see _add_model_args).
+ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads",
+                 "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
+KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
 
 
-def _config_from_args(args: argparse.Namespace):
-    from pyllm.config import EngineConfig
+def _add_env_file_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    # SUPPRESS on subcommands, so `pyllm --env-file F plan` is not reset by the subparser's default.
+    p.add_argument("--env-file", metavar="PATH", default=None if top else argparse.SUPPRESS,
+                   help="read settings from this .env file (env PYLLM_ENV_FILE); real environment variables win")
 
-    over = {}
-    for attr, field_name in (("model", "model_path"), ("ctx_size", "n_ctx"), ("batch_size", "n_batch"),
-                             ("ubatch_size", "n_ubatch"), ("threads", "n_threads"), ("gpu_layers", "n_gpu_layers"),
-                             ("flash_attn", "flash_attn")):
-        value = getattr(args, attr, None)
-        if value is not None:
-            over[field_name] = value
-    if getattr(args, "seed", None) is not None:
-        over["seed"] = args.seed
-    both = getattr(args, "kv_cache_type", None)
-    k = getattr(args, "cache_type_k", None) or both
-    v = getattr(args, "cache_type_v", None) or both
-    if k is not None:
-        over["kv_cache_type_k"] = k
-    if v is not None:
-        over["kv_cache_type_v"] = v
-    if "n_gpu_layers" in over and over["n_gpu_layers"] < -1:
-        over["n_gpu_layers"] = -1
-    return EngineConfig.from_env(**over)
+
+def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_FIELDS, *,
+                    kv_lists: bool = False, help_defaults: Optional[dict] = None) -> None:
+    """The one argument builder: a flag for each setting in ``fields`` (named as llama.cpp names it), whose
+    help names the variable behind it; flags left out fall back to the environment, then the defaults.
+
+    ``kv_lists``: -ctk/-ctv/--kv-cache-type take comma-separated lists (bench, plan, kv-eval): without V
+    types each K type runs with itself (K = V), with them every K x V pair runs. ``help_defaults``: the
+    command's own defaults, for the help text; a command sets the values themselves with
+    ``p.set_defaults(_defaults={field: value})``.
+    """
+    from pyllm.config import SETTINGS
+
+    help_defaults = help_defaults or {}
+    for s in SETTINGS:
+        if s.field not in fields or not s.flags:
+            continue
+        text = s.help
+        if s.field in help_defaults:
+            text = text.split(" (default")[0] + f" (default {help_defaults[s.field]})"
+        listed = kv_lists and s.kind == "kv"
+        if listed:
+            text = text.replace("type", "types, comma-separated", 1)
+        p.add_argument(*s.flags, dest=s.field, default=None, type=_str_list if listed else str,
+                       metavar=_METAVARS[s.kind] + (",..." if listed else ""), help=f"{text} [env {s.env}]")
+    _add_env_file_arg(p)
+    p.set_defaults(_fields=tuple(fields), _defaults={}, _kv_lists=kv_lists)
+
+
+_METAVARS = {"int": "N", "kv": "TYPE", "fa": "auto|on|off", "str": "VALUE", "bool": "1|0"}
+
+
+def _environment(args: argparse.Namespace):
+    from pyllm.config import Environment
+
+    return Environment(env_file=getattr(args, "env_file", None))
+
+
+def _config_from_args(args: argparse.Namespace, env=None, **overrides):
+    """The EngineConfig of a subcommand: its flags > the environment (> the .env file) > its defaults."""
+    from pyllm.config import SETTINGS_BY_FIELD, EngineConfig, settings_from_env
+
+    env = env if env is not None else _environment(args)
+    fields = [f for f in args._fields if not (args._kv_lists and f in KV_FIELDS)]
+    kw = dict(args._defaults)
+    kw.update(settings_from_env(env, fields))
+    for name in fields:
+        raw = getattr(args, name, None)
+        if raw is not None:
+            setting = SETTINGS_BY_FIELD[name]
+            kw[name] = setting.parse(raw, setting.flags[0])
+    kw.update(overrides)
+    return EngineConfig.build(kw)
+
+
+def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
+    """-ctk > --kv-cache-type > KV_CACHE_TYPE_K > KV_CACHE_TYPE > the command's list; -ctv > KV_CACHE_TYPE_V,
+    absent = K = V pairs (see pyllm.config.kv_pairs)."""
+    from pyllm.config import kv_pairs, settings_from_env
+
+    from_env = settings_from_env(env, KV_FIELDS)
+    env_k = from_env.get("kv_cache_type_k") or from_env.get("kv_cache_type")
+    types_k = args.kv_cache_type_k or args.kv_cache_type or ([env_k] if env_k else list(default_k))
+    types_v = args.kv_cache_type_v
+    if types_v is None and args.kv_cache_type is None and "kv_cache_type_v" in from_env:
+        types_v = [from_env["kv_cache_type_v"]]
+    return kv_pairs(types_k, types_v)
+
+
+def _model_path(config) -> str:
+    from pyllm import default_model
+
+    return config.model_path or str(default_model.path())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -80,22 +127,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     sampling = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repeat_penalty=args.repeat_penalty,
-                              seed=args.seed if args.seed is not None else config.seed)
+                              repeat_penalty=args.repeat_penalty)   # seed: the engine's (--seed / LLAMA_SEED)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
-        gen = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat)
+        stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat)
         out = sys.stdout
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                result = done.value
-                break
+        for piece in stream:
             out.write(piece)
             out.flush()
         out.write("\n")
         out.flush()
+        result = stream.result
         kv = engine.kv_cache_bytes()
         ctx = engine.context
         print(
@@ -128,15 +170,22 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from pyllm import bench, default_model
+# The settings of the list commands: K/V types are lists there, and n_ctx is their own (bench sizes each
+# test's context; kv-eval's -c is llama-perplexity's chunk size). n_ctx=0 keeps n_batch unbounded by it.
+LIST_FIELDS = ("model_path", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads") + KV_FIELDS
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pyllm import bench
+
+    env = _environment(args)
+    config = _config_from_args(args, env, n_ctx=0)
     params = bench.BenchParams(
-        model_path=args.model or str(default_model.path()),
-        n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
-        type_k=args.cache_type_k, type_v=args.cache_type_v, flash_attn=args.flash_attn,
-        n_batch=args.batch_size, n_ubatch=args.ubatch_size, n_threads=args.threads,
-        n_gpu_layers=args.gpu_layers, repetitions=args.repetitions,
+        model_path=_model_path(config), n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
+        kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
+        flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
+        n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions,
     )
     bar = _progress_bar(len(params.tests()), "test", enabled=args.output != "json" and not args.no_progress)
 
@@ -155,12 +204,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pyllm import default_model, plan
+    from pyllm import plan
+    from pyllm.devices import resolve_gpu_layers
 
+    env = _environment(args)
+    config = _config_from_args(args, env)
     result = plan.make_plan(
-        args.model or str(default_model.path()), type_k=args.cache_type_k, type_v=args.cache_type_v,
-        n_ctx=args.ctx_size, memory=args.memory, n_gpu_layers=args.gpu_layers, n_batch=args.batch_size,
-        n_ubatch=args.ubatch_size, flash_attn=args.flash_attn, curves=bool(args.plot),
+        _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
+        n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
     )
     print(result.to_json() if args.json else plan.format_table(result))
     if args.plot:
@@ -170,11 +222,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_kv_eval(args: argparse.Namespace) -> int:
-    from pyllm import default_model, kveval
+    from pyllm import kveval
+    from pyllm.devices import resolve_gpu_layers
 
+    env = _environment(args)
+    config = _config_from_args(args, env, n_ctx=0)
+    pairs = _kv_pairs_from_args(args, env, ["q8_0", "q4_0"])
     text, source = (kveval.read_text_file(args.file), args.file) if args.file else kveval.default_text()
-    type_v = args.cache_type_v or args.cache_type_k
-    pairs = [(k, v) for k in args.cache_type_k for v in type_v] if args.cache_type_v else [(k, k) for k in args.cache_type_k]
     print(f"text: {source}", file=sys.stderr)
     bar = _progress_bar(args.chunks, "chunk", enabled=not args.json)
 
@@ -184,9 +238,10 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        report = kveval.kv_eval(args.model or str(default_model.path()), pairs, text=text, text_source=source,
-                                n_ctx=args.ctx_size, n_chunks=args.chunks, flash_attn=args.flash_attn,
-                                n_threads=args.threads, n_gpu_layers=args.gpu_layers, progress=progress)
+        report = kveval.kv_eval(_model_path(config), pairs, text=text, text_source=source,
+                                n_ctx=args.ctx_size, n_chunks=args.chunks, flash_attn=config.flash_attn,
+                                n_threads=config.n_threads, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
+                                progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -194,18 +249,7 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pyllm.version import VERSION
-
-    parser = argparse.ArgumentParser(prog="pyllm", description="llama.cpp from Python, with KV-cache quantization")
-    parser.add_argument("--version", action="version", version=f"pyllm {VERSION}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: pyllm INFO logs, -vv: llama.cpp's too")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="build identity: version, llama.cpp pin, backends, KV types")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion to stdout")
     p.add_argument("prompt", help="the prompt text")
     _add_model_args(p)
@@ -215,57 +259,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="sampling seed (env LLAMA_SEED; default random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="format the prompt with the chat template")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)")
-    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)",
+                       description=KV_LISTS_HELP)
+    _add_model_args(p, LIST_FIELDS, kv_lists=True, help_defaults={"kv_cache_type_k": "f16"})
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt-processing test sizes (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation test sizes (default 128)")
     p.add_argument("-d", "--n-depth", type=_int_list, default=[0], help="KV cache depth before each test (default 0)")
-    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["f16"], help="K cache types, comma-separated")
-    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=["f16"], help="V cache types, comma-separated")
-    p.add_argument("-fa", "--flash-attn", type=_str_list, default=["auto"], help="on, off, auto (comma-separated)")
-    p.add_argument("-b", "--batch-size", type=int, default=2048)
-    p.add_argument("-ub", "--ubatch-size", type=int, default=512)
-    p.add_argument("-t", "--threads", type=int, default=0, help="threads (default: the CPUs available)")
-    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=99)
+    p.add_argument("-fa", "--flash-attn", type=_str_list, help="on, off, auto, comma-separated (default auto) [env FLASH_ATTN]")
     p.add_argument("-r", "--repetitions", type=int, default=5)
     p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)")
-    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)",
+                       description=KV_LISTS_HELP)
+    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn"), kv_lists=True,
+                    help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context"})
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
                                     "(default: the GPU's free memory, else system RAM)")
-    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["f16", "q8_0", "q4_0"])
-    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=None,
-                   help="V cache types (default: the same list as -ctk, paired K = V)")
-    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context to report (default: the training context)")
-    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
-    p.add_argument("-b", "--batch-size", type=int, default=2048)
-    p.add_argument("-ub", "--ubatch-size", type=int, default=512)
-    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE.png", help="draw memory against context length (needs matplotlib)")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, _defaults={"n_ctx": 0})
 
-    p = sub.add_parser("kv-eval", help="quality of quantized KV caches: perplexity, KL divergence and top-1 vs f16")
-    p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")
+
+def _add_kv_eval_parser(sub) -> None:
+    p = sub.add_parser("kv-eval", help="quality of quantized KV caches: perplexity, KL divergence and top-1 vs f16",
+                       description=KV_LISTS_HELP)
+    _add_model_args(p, LIST_FIELDS + ("flash_attn",), kv_lists=True, help_defaults={"kv_cache_type_k": "q8_0,q4_0"})
     p.add_argument("-f", "--file", help="UTF-8 text to evaluate (default: Python's pydoc topics, shipped with Python)")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk, as llama-perplexity -c (default 512)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512,
+                   help="tokens per chunk, as llama-perplexity -c (default 512; not MAX_CONTEXT_LENGTH)")
     p.add_argument("--chunks", type=int, default=10, help="chunks to evaluate (default 10)")
-    p.add_argument("-ctk", "--cache-type-k", type=_str_list, default=["q8_0", "q4_0"])
-    p.add_argument("-ctv", "--cache-type-v", type=_str_list, default=None,
-                   help="V types (default: paired with -ctk, K = V); given, every K x V pair is evaluated")
-    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
-    p.add_argument("-t", "--threads", type=int)
-    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_kv_eval)
+
+
+KV_LISTS_HELP = ("-ctk/-ctv/--kv-cache-type take comma-separated lists: without V types each K type runs with "
+                 "itself (K = V); with -ctv, every K x V pair runs. Flags left out come from the environment "
+                 "(the variable in brackets), then the defaults.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pyllm.version import VERSION
+
+    parser = argparse.ArgumentParser(prog="pyllm", description="llama.cpp from Python, with KV-cache quantization")
+    parser.add_argument("--version", action="version", version=f"pyllm {VERSION}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: pyllm INFO logs, -vv: llama.cpp's too")
+    _add_env_file_arg(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="build identity: version, llama.cpp pin, backends, KV types")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    _add_generate_parser(sub)
+    _add_bench_parser(sub)
+    _add_plan_parser(sub)
+    _add_kv_eval_parser(sub)
     return parser
 
 

@@ -1,35 +1,208 @@
-"""Engine configuration: validated plain Python, from arguments or the environment.
+"""Configuration: one validated parameter object, the rules it obeys, and where its values come from.
 
-Nothing here touches native code: a config is checked completely before a model is loaded.
+Every setting a user can give (a keyword argument, a command-line flag, an environment variable or
+a line of a ``.env`` file) is described once in :data:`SETTINGS` and parsed by one function per
+kind, so a bad value gets the same words wherever it came from, naming its source (the flag, the
+variable and the file it was read from). The rules that involve several settings (a quantized V
+cache needs flash attention, n_ubatch <= n_batch <= n_ctx) are written once here and used by the
+engine, ``bench``, ``plan`` and ``kv-eval`` alike. Model-dependent rules (MLA, head sizes) live in
+:func:`pyllm.context.validate_kv_types`, the one place that sees the model.
+
+Nothing here imports compiled code at import time; the one native fact used (whether a type is
+quantized) is read from ggml when a rule needs it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from pyllm.errors import ConfigError
-from pyllm.kvtypes import KV_CACHE_TYPES, normalize_kv_cache_type
+from pyllm.errors import ConfigError, KVCacheConfigError
+from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, is_quantized, normalize_kv_cache_type, unquantized_types
 
 FLASH_ATTN_VALUES = ("auto", "on", "off")
+DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+INT32_MAX = 2**31 - 1
+ENV_FILE_VAR = "PYLLM_ENV_FILE"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-def _accepted_kv() -> str:
-    return ", ".join(KV_CACHE_TYPES)
-
-
-def _check_int(name: str, value: Any, *, minimum: int, maximum: Optional[int] = None, what: str = "") -> int:
+# ---- the rules: one function, one wording, one exception class each ----
+def check_int(source: str, value: Any, *, minimum: int, maximum: int = INT32_MAX, what: str = "",
+              text: bool = False) -> int:
+    """An integer in [minimum, maximum]; ConfigError naming ``source`` and the value as given otherwise.
+    ``text``: the value may be decimal text (a variable, a flag)."""
+    given = value
+    if text and isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}={value!r} is not an integer; expected an integer >= {minimum}{what}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ConfigError(f"{name}={value!r} is out of range; expected an integer {bound}{what}")
+        raise ConfigError(f"{source}={given!r} is not an integer; expected an integer in [{minimum}, {maximum}]{what}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{source}={given!r} is out of range; expected an integer in [{minimum}, {maximum}]{what}")
     return value
+
+
+def check_bool(source: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    low = value.strip().lower() if isinstance(value, str) else None
+    if low in _TRUE or low in _FALSE:
+        return low in _TRUE
+    raise ConfigError(f"{source}={value!r} is not a boolean; expected one of: {', '.join(_TRUE + _FALSE)}")
+
+
+def check_kv_type(source: str, value: Any) -> str:
+    """The canonical name of a KV cache type; KVCacheConfigError naming ``source`` otherwise."""
+    canon = normalize_kv_cache_type(value)
+    if canon is None:
+        raise KVCacheConfigError(f"{source}={value!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
+    return canon
+
+
+def check_flash_attn(source: str, value: Any) -> str:
+    low = value.strip().lower() if isinstance(value, str) else None
+    if low not in FLASH_ATTN_VALUES:
+        raise ConfigError(f"{source}={value!r} is not valid; expected one of: {', '.join(FLASH_ATTN_VALUES)}")
+    return low
+
+
+def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
+    """llama.cpp refuses a quantized V cache without flash attention."""
+    if flash_attn == "off" and is_quantized(type_v):
+        raise KVCacheConfigError(
+            f"quantized V cache ({type_v}) requires flash attention, but flash_attn is 'off'; "
+            f"use -fa on or auto (FLASH_ATTN), or an unquantized V type ({', '.join(unquantized_types())})"
+        )
+
+
+def check_batch_sizes(n_ctx: int, n_batch: int, n_ubatch: int) -> None:
+    check_int("n_batch", n_batch, minimum=1)
+    check_int("n_ubatch", n_ubatch, minimum=1)
+    if n_ubatch > n_batch:
+        raise ConfigError(f"n_ubatch={n_ubatch} is larger than n_batch={n_batch}; expected n_ubatch <= n_batch")
+    if n_ctx and n_batch > n_ctx:
+        # llama.cpp would clamp silently; say so instead of pretending the batch is that large.
+        raise ConfigError(f"n_batch={n_batch} is larger than n_ctx={n_ctx}; expected n_batch <= n_ctx")
+
+
+def check_threads(source: str, value: Any) -> Optional[int]:
+    return None if value is None else check_int(source, value, minimum=1, maximum=1024, what=" or None for the default")
+
+
+def kv_pairs(types_k: Sequence[str], types_v: Optional[Sequence[str]]) -> list[tuple[str, str]]:
+    """The K/V pairs a list command runs, the same rule in bench, plan and kv-eval: without V types,
+    each K type with itself (K = V); with them, every K x V pair (llama-bench's cross product)."""
+    ks = [check_kv_type("-ctk", t) for t in types_k]
+    vs = None if types_v is None else [check_kv_type("-ctv", t) for t in types_v]
+    if not ks:
+        raise KVCacheConfigError("-ctk is empty; expected at least one KV cache type")
+    pairs = [(k, k) for k in ks] if not vs else [(k, v) for k in ks for v in vs]
+    return list(dict.fromkeys(pairs))
+
+
+# ---- where values come from: the environment, a .env file, flags ----
+class Environment(Mapping[str, str]):
+    """The process environment over an optional ``.env`` file: real variables win over the file's, and
+    every value remembers where it came from (for error messages)."""
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None, env_file: Optional[str] = None) -> None:
+        environ = dict(os.environ if environ is None else environ)
+        self.env_file = env_file if env_file is not None else (environ.get(ENV_FILE_VAR) or None)
+        self._file_values = read_env_file(self.env_file) if self.env_file else {}
+        self._values = {**self._file_values, **environ}
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def source(self, var: str) -> str:
+        """``VAR`` or ``VAR (from FILE)``: how an error names the origin of a value."""
+        if var in self._file_values and self._values.get(var) == self._file_values[var]:
+            return f"{var} (from {self.env_file})"
+        return var
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """A ``.env`` file's variables, parsed by python-dotenv (``export``, quotes, inline ``# comments``)."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "no such file"
+        raise ConfigError(f"env file {path}: {what}; expected a .env file of VAR=value lines")
+    from dotenv import dotenv_values
+
+    try:
+        values = dotenv_values(p, interpolate=False)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"env file {path}: cannot be read ({exc})") from None
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing setting: its EngineConfig field, variable, flags, kind and help text."""
+
+    field: str
+    env: Optional[str]
+    flags: tuple[str, ...]
+    kind: str                      # int | bool | kv | fa | str
+    help: str
+    minimum: int = 0
+
+    def parse(self, raw: Any, source: str) -> Any:
+        if self.kind == "kv":
+            return check_kv_type(source, raw)
+        if self.kind == "fa":
+            return check_flash_attn(source, raw)
+        if self.kind == "bool":
+            return check_bool(source, raw)
+        if self.kind == "int":
+            return check_int(source, raw, minimum=self.minimum, text=True)
+        return raw
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model_path", "MODEL_PATH", ("-m", "--model"), "str", "GGUF model file (default: the default model)"),
+    Setting("chat_template", "MODEL_CHAT_TEMPLATE", ("--chat-template",), "str",
+            "chat template: a name, a .jinja file or template text (default: the model's own)"),
+    Setting("n_ctx", "MAX_CONTEXT_LENGTH", ("-c", "--ctx-size"), "int",
+            f"context length in tokens (default {DEFAULT_N_CTX}; 0 = the model's training context)"),
+    Setting("n_batch", "LLAMA_BATCH_SIZE", ("-b", "--batch-size"), "int",
+            f"logical batch, max tokens per llama_decode (default min({DEFAULT_N_BATCH}, n_ctx))", 1),
+    Setting("n_ubatch", "LLAMA_UBATCH_SIZE", ("-ub", "--ubatch-size"), "int",
+            f"physical batch (default min({DEFAULT_N_UBATCH}, n_batch))", 1),
+    Setting("n_gpu_layers", "GPU_LAYERS", ("-ngl", "--gpu-layers", "--n-gpu-layers"), "int",
+            "layers offloaded to the GPU; -1 or 99 = all (default: all where a GPU is visible, else 0)", -1),
+    Setting("n_threads", "LLAMA_THREADS", ("-t", "--threads"), "int",
+            "threads for generation and batches (default: the CPUs available)", 1),
+    Setting("n_parallel", "LLAMA_PARALLEL", ("-np", "--parallel"), "int",
+            "sequences decoded at once (default 1)", 1),
+    Setting("seed", "LLAMA_SEED", ("--seed",), "int", "sampling seed (default: random)"),
+    Setting("use_mlock", "USE_MLOCK", (), "bool", "lock the model in RAM (1/0)"),
+    Setting("use_mmap", "USE_MMAP", (), "bool", "memory-map the model file (1/0, default 1)"),
+    Setting("flash_attn", "FLASH_ATTN", ("-fa", "--flash-attn"), "fa",
+            "flash attention: auto, on, off (default auto: on where supported, required by a quantized V)"),
+    Setting("kv_cache_type", "KV_CACHE_TYPE", ("--kv-cache-type",), "kv",
+            f"K and V cache type: {' '.join(KV_CACHE_TYPES)} (default f16)"),
+    Setting("kv_cache_type_k", "KV_CACHE_TYPE_K", ("-ctk", "--cache-type-k"), "kv",
+            "K cache type (overrides KV_CACHE_TYPE for K)"),
+    Setting("kv_cache_type_v", "KV_CACHE_TYPE_V", ("-ctv", "--cache-type-v"), "kv",
+            "V cache type (overrides KV_CACHE_TYPE for V)"),
+)
+SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
+ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
 
 
 @dataclass
@@ -43,19 +216,21 @@ class EngineConfig:
 
     model_path: Optional[str] = None          # None: the default model (see pyllm.default_model)
     chat_template: Optional[str] = None       # None: the model's own template
-    n_ctx: int = 4096                         # max context length (tokens); 0 = the model's training context
+    n_ctx: int = DEFAULT_N_CTX                # max context length (tokens); 0 = the model's training context
     n_batch: Optional[int] = None             # logical batch, max tokens per llama_decode (None: min(2048, n_ctx))
     n_ubatch: Optional[int] = None            # physical batch (None: min(512, n_batch))
-    n_gpu_layers: int = 0                     # layers offloaded to the GPU (-ngl); -1 or >= n_layer = all
+    n_gpu_layers: Optional[int] = None        # -ngl; -1 or >= n_layer = all; None: all where a GPU is visible, else 0
     use_mmap: bool = True
     use_mlock: bool = False
-    n_threads: Optional[int] = None           # None: llama.cpp's default (physical cores, up to 4+)
+    n_threads: Optional[int] = None           # None: the CPUs available to the process
     n_threads_batch: Optional[int] = None
     flash_attn: str = "auto"                  # auto | on | off (-fa)
     kv_cache_type_k: Optional[str] = None     # -ctk
     kv_cache_type_v: Optional[str] = None     # -ctv
-    seed: Optional[int] = None                # None: llama.cpp's default (random)
+    seed: Optional[int] = None                # None: random; the engine's default for sampled generation
     offload_kqv: bool = True                  # keep the KV cache and attention on the GPU when offloading
+    n_parallel: int = 1                       # -np: sequences decoded at once (the batched engine)
+    kv_unified: bool = True                   # one KV pool shared by all sequences (False: n_ctx / n_parallel each)
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -64,128 +239,64 @@ class EngineConfig:
             self.model_path = os.fspath(self.model_path)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name or text")
-        _check_int("n_ctx", self.n_ctx, minimum=0, maximum=2**31 - 1, what=" (0 = the model's training context)")
+        check_int("n_ctx", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
         if self.n_batch is None:
             self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if self.n_ctx else DEFAULT_N_BATCH
-        _check_int("n_batch", self.n_batch, minimum=1, maximum=2**31 - 1)
-        if self.n_ubatch is None:
+        if self.n_ubatch is None and isinstance(self.n_batch, int):
             self.n_ubatch = min(DEFAULT_N_UBATCH, self.n_batch)
-        _check_int("n_ubatch", self.n_ubatch, minimum=1, maximum=2**31 - 1)
-        if self.n_ubatch > self.n_batch:
-            raise ConfigError(f"n_ubatch={self.n_ubatch} is larger than n_batch={self.n_batch}; expected n_ubatch <= n_batch")
-        if self.n_ctx and self.n_batch > self.n_ctx:
-            # llama.cpp would clamp silently; say so instead of pretending the batch is that large.
-            raise ConfigError(f"n_batch={self.n_batch} is larger than n_ctx={self.n_ctx}; expected n_batch <= n_ctx")
-        _check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
-        for name in ("use_mmap", "use_mlock", "offload_kqv"):
+        check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
+        if self.n_gpu_layers is not None:
+            check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
+        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
-        for name in ("n_threads", "n_threads_batch"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1, maximum=1024, what=" or None for llama.cpp's default")
-        fa = self.flash_attn.strip().lower() if isinstance(self.flash_attn, str) else self.flash_attn
-        if fa not in FLASH_ATTN_VALUES:
-            raise ConfigError(f"flash_attn={self.flash_attn!r} is not valid; expected one of: {', '.join(FLASH_ATTN_VALUES)}")
-        self.flash_attn = fa
+        check_threads("n_threads", self.n_threads)
+        check_threads("n_threads_batch", self.n_threads_batch)
+        check_int("n_parallel", self.n_parallel, minimum=1, maximum=256)
+        if not self.kv_unified and self.n_ctx and self.n_ctx // self.n_parallel < 1:
+            raise ConfigError(f"n_ctx={self.n_ctx} split over n_parallel={self.n_parallel} leaves no cells per sequence")
+        self.flash_attn = check_flash_attn("flash_attn", self.flash_attn)
         for name in ("kv_cache_type_k", "kv_cache_type_v"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            canon = normalize_kv_cache_type(value)
-            if canon is None:
-                raise ConfigError(f"{name}={value!r} is not a KV cache type; expected one of: {_accepted_kv()}")
-            setattr(self, name, canon)
+            if getattr(self, name) is not None:
+                setattr(self, name, check_kv_type(name, getattr(self, name)))
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
-        v = self.kv_cache_type_v
-        if self.flash_attn == "off" and v is not None and v not in ("f32", "f16", "bf16"):
-            raise ConfigError(
-                f"kv_cache_type_v={v!r} needs flash attention, but flash_attn='off'; "
-                "use flash_attn='on' or 'auto', or an unquantized V type (f16, bf16, f32)"
-            )
+            check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+        check_v_needs_flash_attn(self.effective_type_v, self.flash_attn)
 
     @property
     def effective_type_k(self) -> str:
-        return self.kv_cache_type_k or "f16"
+        return self.kv_cache_type_k or DEFAULT_KV_CACHE_TYPE
 
     @property
     def effective_type_v(self) -> str:
-        return self.kv_cache_type_v or "f16"
+        return self.kv_cache_type_v or DEFAULT_KV_CACHE_TYPE
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EngineConfig":
-        """Build a config from environment variables; explicit keyword arguments win.
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, *, env_file: Optional[str] = None,
+                 **overrides: Any) -> "EngineConfig":
+        """A config from the environment (and a ``.env`` file); explicit keyword arguments win.
 
-        Precedence for the KV types: argument > KV_CACHE_TYPE_K / KV_CACHE_TYPE_V > KV_CACHE_TYPE > f16.
-        An invalid value raises ConfigError naming the variable; it never falls back to a default.
+        ``env_file`` (else ``PYLLM_ENV_FILE``): a ``.env`` file read under the environment, whose real
+        variables take precedence. KV types: argument > KV_CACHE_TYPE_K / _V > KV_CACHE_TYPE > f16. An
+        invalid value raises ConfigError naming the variable (and the file); it never falls back.
         """
-        env = os.environ if env is None else env
-        kw: dict[str, Any] = {}
-
-        def text(var: str) -> Optional[str]:
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                return None
-            return raw.strip()
-
-        def integer(var: str, field_name: str, minimum: int) -> None:
-            raw = text(var)
-            if raw is None:
-                return
-            try:
-                value = int(raw, 10)
-            except ValueError:
-                raise ConfigError(f"{var}={env[var]!r} is not an integer; expected an integer >= {minimum}") from None
-            if value < minimum:
-                raise ConfigError(f"{var}={env[var]!r} is out of range; expected an integer >= {minimum}")
-            kw[field_name] = value
-
-        def boolean(var: str, field_name: str) -> None:
-            raw = text(var)
-            if raw is None:
-                return
-            low = raw.lower()
-            if low not in _TRUE | _FALSE:
-                raise ConfigError(f"{var}={env[var]!r} is not a boolean; expected one of: 1, 0, true, false, yes, no, on, off")
-            kw[field_name] = low in _TRUE
-
-        def kv_type(var: str) -> Optional[str]:
-            raw = text(var)
-            if raw is None:
-                return None
-            canon = normalize_kv_cache_type(raw)
-            if canon is None:
-                raise ConfigError(f"{var}={env[var]!r} is not a KV cache type; expected one of: {_accepted_kv()}")
-            return canon
-
-        if (path := text("MODEL_PATH")) is not None:
-            kw["model_path"] = path
-        if (tmpl := env.get("MODEL_CHAT_TEMPLATE")) is not None and tmpl.strip():
-            kw["chat_template"] = tmpl
-        integer("MAX_CONTEXT_LENGTH", "n_ctx", 0)
-        integer("LLAMA_BATCH_SIZE", "n_batch", 1)
-        integer("LLAMA_UBATCH_SIZE", "n_ubatch", 1)
-        integer("GPU_LAYERS", "n_gpu_layers", -1)
-        integer("LLAMA_THREADS", "n_threads", 1)
-        integer("LLAMA_SEED", "seed", 0)
-        boolean("USE_MLOCK", "use_mlock")
-        boolean("USE_MMAP", "use_mmap")
-        if (fa := text("FLASH_ATTN")) is not None:
-            if fa.lower() not in FLASH_ATTN_VALUES:
-                raise ConfigError(f"FLASH_ATTN={env['FLASH_ATTN']!r} is not valid; expected one of: {', '.join(FLASH_ATTN_VALUES)}")
-            kw["flash_attn"] = fa.lower()
-        both = kv_type("KV_CACHE_TYPE")
-        k = kv_type("KV_CACHE_TYPE_K")
-        v = kv_type("KV_CACHE_TYPE_V")
-        if k or both:
-            kw["kv_cache_type_k"] = k or both
-        if v or both:
-            kw["kv_cache_type_v"] = v or both
+        source = env if isinstance(env, Environment) else Environment(env, env_file)
+        kw = settings_from_env(source)
         kw.update(overrides)
-        if "n_threads" in kw and "n_threads_batch" not in kw:
+        return cls.build(kw)
+
+    @classmethod
+    def build(cls, kw: dict[str, Any]) -> "EngineConfig":
+        """A config from setting values by field name (``kv_cache_type`` sets both sides where unset)."""
+        kw = dict(kw)
+        both = kw.pop("kv_cache_type", None)
+        if both is not None:
+            kw.setdefault("kv_cache_type_k", both)
+            kw.setdefault("kv_cache_type_v", both)
+        if kw.get("n_threads") is not None and kw.get("n_threads_batch") is None:
             kw["n_threads_batch"] = kw["n_threads"]
         try:
             return cls(**kw)
@@ -193,19 +304,15 @@ class EngineConfig:
             raise ConfigError(f"invalid EngineConfig argument: {exc}") from None
 
 
-ENV_VARS: dict[str, str] = {
-    "MODEL_PATH": "GGUF model file (default: the Gemma 3 270M Q4_K_M default model)",
-    "MODEL_CHAT_TEMPLATE": "chat template name or text for --chat (default: the model's own)",
-    "MAX_CONTEXT_LENGTH": "n_ctx, the context length in tokens (default 4096; 0 = model's training context)",
-    "LLAMA_BATCH_SIZE": "n_batch, max tokens per llama_decode call (default 2048)",
-    "LLAMA_UBATCH_SIZE": "n_ubatch, physical batch (default 512)",
-    "GPU_LAYERS": "n_gpu_layers, layers offloaded to the GPU (-1 or 99 = all; default 0)",
-    "LLAMA_THREADS": "n_threads and n_threads_batch (default: llama.cpp's)",
-    "LLAMA_SEED": "sampling seed (default: random)",
-    "USE_MLOCK": "lock the model in RAM (1/0)",
-    "USE_MMAP": "memory-map the model file (1/0, default 1)",
-    "FLASH_ATTN": "auto | on | off (default auto: on when V is quantized)",
-    "KV_CACHE_TYPE": "K and V cache type: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1",
-    "KV_CACHE_TYPE_K": "K cache type (overrides KV_CACHE_TYPE for K)",
-    "KV_CACHE_TYPE_V": "V cache type (overrides KV_CACHE_TYPE for V)",
-}
+def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
+    """Parsed values of the settings whose variables are set (blank counts as unset)."""
+    wanted = set(fields) if fields is not None else None
+    out: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.env is None or (wanted is not None and s.field not in wanted):
+            continue
+        raw = env.get(s.env)
+        if raw is None or not raw.strip():
+            continue
+        out[s.field] = s.parse(raw if s.field == "chat_template" else raw.strip(), env.source(s.env))
+    return out

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import warnings
@@ -12,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pyllm import _runtime
 from pyllm import log as native_log
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
@@ -23,16 +23,13 @@ from pyllm.errors import (
     PyllmError,
     check_decode,
 )
-from pyllm.kvtypes import KV_CACHE_TYPES, block_size, is_quantized, parse_kv_cache_type
+from pyllm.config import check_flash_attn, check_int, check_kv_type, check_threads, check_v_needs_flash_attn
+from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, block_size, is_quantized, parse_kv_cache_type
 from pyllm.model import Model
 
 logger = logging.getLogger("pyllm")
 
 _FA = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED", "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
-# llama_kv_cache's own accounting line, one per cache (two for sliding-window models).
-_KV_LINE = re.compile(
-    r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*?K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB"
-)
 _MIB = 1024 * 1024
 _warned_fa_pairs: set[tuple[str, str]] = set()
 
@@ -94,9 +91,9 @@ class ConcurrentUseError(PyllmError, RuntimeError):
 class KVCacheBytes:
     """The KV cache as llama.cpp allocated it.
 
-    ``total`` is exact (llama.cpp's memory breakdown of the context's buffers); ``k`` and ``v``
-    split it as llama_kv_cache reported at allocation (MiB with two decimals, per cache),
-    scaled so that ``k + v == total``. ``devices`` maps buffer type (CPU, CUDA0, ...) to bytes.
+    ``k`` and ``v`` are llama_kv_cache's own byte counts of its K and V tensors, summed over its caches
+    (one, or base + sliding-window); ``n_cells`` has each cache's size. ``devices`` maps buffer type
+    (CPU, CUDA0, ...) to the context bytes llama.cpp's memory breakdown reports there.
     """
 
     k: int
@@ -150,15 +147,9 @@ class Batch(NativeHandle):
 
 
 def validate_kv_types(model: Model, type_k: str, type_v: str, flash_attn: str) -> None:
-    """Check what llama.cpp would refuse (or abort on) for these K/V types, before calling it."""
-    for side, name in (("K", type_k), ("V", type_v)):
-        if parse_kv_cache_type(name) is None:
-            raise KVCacheConfigError(f"{side} cache type {name!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
-    if is_quantized(type_v) and flash_attn == "off":
-        raise KVCacheConfigError(
-            f"quantized V cache ({type_v}) requires flash attention, but flash_attn is 'off'; "
-            "use -fa on or auto, or an unquantized V type (f16, bf16, f32)"
-        )
+    """Check what llama.cpp would refuse (or abort on) for these K/V types with this model, before calling it."""
+    type_k, type_v = check_kv_type("type_k", type_k), check_kv_type("type_v", type_v)
+    check_v_needs_flash_attn(type_v, flash_attn)
     if model.requires_equal_kv_types and type_k != type_v:
         raise KVCacheConfigError(
             f"model {model.path.name} ({model.architecture}, MLA) requires equal K and V cache types, "
@@ -219,47 +210,60 @@ class Context(NativeHandle):
         offload_kqv: bool = True,
         no_perf: bool = True,
         swa_full: bool = False,
+        n_seq_max: int = 1,
+        kv_unified: bool = True,
     ) -> None:
         model.ptr  # raises ClosedError on a closed model
-        if flash_attn not in _FA:
-            raise KVCacheConfigError(f"flash_attn={flash_attn!r} is not valid; expected one of: auto, on, off")
-        for name, value, minimum in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value > 2**31 - 1:
-                raise ContextError(f"{name}={value!r} is out of range; expected an integer >= {minimum}")
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
-                raise ContextError(f"{name}={value!r} is out of range; expected an integer in [1, 1024] or None")
+        flash_attn = check_flash_attn("flash_attn", flash_attn)
+        check_int("n_ctx", n_ctx, minimum=0)
+        check_int("n_batch", n_batch, minimum=1)
+        check_int("n_ubatch", n_ubatch, minimum=1)
+        check_threads("n_threads", n_threads)
+        check_threads("n_threads_batch", n_threads_batch)
+        check_int("n_seq_max", n_seq_max, minimum=1, maximum=256)  # LLAMA_MAX_SEQ
         if model.vocab_only:
             raise ContextError(f"model {model.path.name} was loaded vocab_only; load its weights to create a context")
-        self.type_k = (type_k or "f16").strip().lower()
-        self.type_v = (type_v or "f16").strip().lower()
+        self.type_k = check_kv_type("type_k", type_k or DEFAULT_KV_CACHE_TYPE)
+        self.type_v = check_kv_type("type_v", type_v or DEFAULT_KV_CACHE_TYPE)
         validate_kv_types(model, self.type_k, self.type_v, flash_attn)
         warn_missing_fa_kernel(self.type_k, self.type_v)
+        # Abort through a C-level flag: the callback runs between graph nodes and never enters Python.
+        self._abort_flag = ffi.new("int *", 0)
+        params = self._params(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), n_seq_max=n_seq_max,
+                              n_threads=n_threads or default_threads(), n_threads_batch=n_threads_batch,
+                              flash_attn=flash_attn, offload_kqv=offload_kqv, no_perf=no_perf, swa_full=swa_full,
+                              kv_unified=kv_unified)
+        _check_memory(model, n_ctx, params.type_k, params.type_v, offload_kqv)
+        _install_sigint_bridge()
+        super().__init__(self._create(model, params), lib.llama_free)
+        self.model = model
+        model.add_dependent(self)
+        self._init_state()
+        if type_k is not None:
+            logger.info("KV cache K type set to: %s", self.type_k)
+        if type_v is not None:
+            logger.info("KV cache V type set to: %s", self.type_v)
+        logger.info("flash attention: %s (requested %s); KV cache: %.2f MiB for %d tokens",
+                    "on" if self.flash_attn else "off", flash_attn, self.kv_cache_bytes().total_mib, self.n_ctx)
 
+    def _params(self, *, flash_attn: str, n_threads: int, n_threads_batch: Optional[int], **fields):
         params = lib.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_ubatch, n_batch)
-        params.n_seq_max = 1
-        params.n_threads = n_threads or default_threads()
-        params.n_threads_batch = n_threads_batch or params.n_threads
+        for name, value in fields.items():
+            setattr(params, name, value)
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch or n_threads
         params.flash_attn_type = getattr(lib, _FA[flash_attn])
         params.type_k = parse_kv_cache_type(self.type_k)
         params.type_v = parse_kv_cache_type(self.type_v)
-        params.offload_kqv = offload_kqv
-        params.no_perf = no_perf
-        params.swa_full = swa_full
-        # Abort through a C-level flag: the callback runs between graph nodes and never enters Python.
-        self._abort_flag = ffi.new("int *", 0)
         params.abort_callback = lib.pyllm_abort_callback
         params.abort_callback_data = self._abort_flag
+        return params
 
-        _check_memory(model, n_ctx, params.type_k, params.type_v, offload_kqv)
-        _install_sigint_bridge()
+    def _create(self, model: Model, params):
         with native_log.capture() as lines:
             ptr = lib.llama_init_from_model(model.ptr, params)
         try:
-            native_log.raise_pending()
+            _runtime.raise_pending()
         except BaseException:
             if ptr != ffi.NULL:
                 lib.llama_free(ptr)
@@ -268,26 +272,17 @@ class Context(NativeHandle):
             reason = native_log.reason_from(lines) or "llama.cpp gave no reason"
             if "bad_alloc" in reason or "failed to allocate" in reason:
                 reason += " (out of memory: lower n_ctx or use a quantized KV cache type)"
-            raise ContextError(f"cannot create a context (n_ctx={n_ctx}, K={self.type_k}, V={self.type_v}): {reason}")
-        super().__init__(ptr, lib.llama_free)
-        self.model = model
-        model._register_context(self)
-        self._init_state(lines)
-        if type_k is not None:
-            logger.info("KV cache K type set to: %s", self.type_k)
-        if type_v is not None:
-            logger.info("KV cache V type set to: %s", self.type_v)
-        logger.info("flash attention: %s (requested %s); KV cache: %.2f MiB for %d tokens",
-                    "on" if self.flash_attn else "off", flash_attn, self.kv_cache_bytes().total_mib, self.n_ctx)
+            raise ContextError(f"cannot create a context (n_ctx={params.n_ctx}, K={self.type_k}, V={self.type_v}): {reason}")
+        return ptr
 
-    def _init_state(self, lines: Sequence[str]) -> None:
+    def _init_state(self) -> None:
         p = self._ptr
         self.n_ctx = int(lib.llama_n_ctx(p))
         self.n_batch = int(lib.llama_n_batch(p))
         self.n_ubatch = int(lib.llama_n_ubatch(p))
         self.n_vocab = self.model.n_vocab
         self.flash_attn = bool(lib.pyllm_context_flash_attn(p))
-        self._kv_lines = [m.groups() for m in map(_KV_LINE.search, lines) if m]
+        self.n_seq_max = int(lib.llama_n_seq_max(p))
         self._batch = Batch(self.n_batch)
         self._memory = lib.llama_get_memory(p)
         self._busy = threading.Lock()
@@ -299,10 +294,10 @@ class Context(NativeHandle):
         self = cls.__new__(cls)
         NativeHandle.__init__(self, ffi.cast("struct llama_context *", address), lib.llama_free, owned=owned)
         self.model = model
-        model._register_context(self)
+        model.add_dependent(self)
         self.type_k = self.type_v = "unknown"
         self._abort_flag = ffi.new("int *", 0)
-        self._init_state(())
+        self._init_state()
         return self
 
     def close(self) -> None:
@@ -325,17 +320,18 @@ class Context(NativeHandle):
 
     def kv_cache_bytes(self) -> KVCacheBytes:
         """K and V cache bytes as llama.cpp allocated them (sliding-window and MLA layouts included)."""
-        rows = self.memory_breakdown()
-        devices = {r["name"]: r["context"] for r in rows if r["context"]}
-        total = sum(devices.values())
-        k_mib = sum(float(g[4]) for g in self._kv_lines)
-        v_mib = sum(float(g[6]) for g in self._kv_lines)
-        if k_mib + v_mib > 0:
-            k = round(total * k_mib / (k_mib + v_mib))
-        else:
-            k = total // 2
-        return KVCacheBytes(k=k, v=total - k, total=total, type_k=self.type_k, type_v=self.type_v,
-                            n_cells=tuple(int(g[1]) for g in self._kv_lines), devices=devices)
+        devices = {r["name"]: r["context"] for r in self.memory_breakdown() if r["context"]}
+        n = 4
+        while True:
+            caches = ffi.new("pyllm_kv_cache_bytes[]", n)
+            got = int(lib.pyllm_context_kv_bytes(self.ptr, caches, n))
+            if got <= n:
+                break
+            n = got
+        caches = [caches[i] for i in range(got)]
+        k, v = sum(int(c.k) for c in caches), sum(int(c.v) for c in caches)
+        return KVCacheBytes(k=k, v=v, total=k + v, type_k=self.type_k, type_v=self.type_v,
+                            n_cells=tuple(int(c.n_cells) for c in caches), devices=devices)
 
     # ---- decoding ----
     def _enter(self):
@@ -364,7 +360,7 @@ class Context(NativeHandle):
         self.model.check_tokens(tokens)
         arr = np.ascontiguousarray(tokens, dtype=np.int32)
         p = self._enter()
-        rc = None
+        ok = False
         try:
             self._abort_flag[0] = 0
             lib.pyllm_sigint_clear()
@@ -375,15 +371,15 @@ class Context(NativeHandle):
                 last = start + len(chunk) >= n
                 lib.pyllm_batch_fill(b, ffi.from_buffer("llama_token[]", chunk), len(chunk), self.n_past, 0,
                                      last and logits == "last", output_from if logits == "all" else -1)
-                rc = None
                 rc = lib.llama_decode(p, b[0])
                 if rc != 0:
-                    native_log.raise_pending()  # a callback's exception (e.g. Ctrl-C) explains the abort
+                    _runtime.raise_pending()  # a callback's exception (e.g. Ctrl-C) explains the abort
                     check_decode(rc, f"at position {self.n_past}")
                 self.n_past += len(chunk)
-            native_log.raise_pending()
+            _runtime.raise_pending()
+            ok = True
         finally:
-            if rc != 0:  # failed, aborted or interrupted: follow what llama.cpp kept in memory
+            if not ok:  # failed, aborted or interrupted (even between C and our count): follow llama.cpp
                 self._resync_after_failure()
             self._busy.release()
         return {"last": 1, "all": n - output_from, "none": 0}[logits]
@@ -395,15 +391,16 @@ class Context(NativeHandle):
         if self.n_past >= self.n_ctx:
             raise ContextFullError(f"context full: n_ctx={self.n_ctx} tokens")
         p = self._enter()
-        rc = None
+        ok = False
         try:
             rc = lib.pyllm_decode_one(p, self._batch._struct, token, self.n_past, 0)
             if rc != 0:
-                native_log.raise_pending()
+                _runtime.raise_pending()
                 check_decode(rc, f"at position {self.n_past}")
             self.n_past += 1
+            ok = True
         finally:
-            if rc != 0:
+            if not ok:
                 self._resync_after_failure()
             self._busy.release()
 

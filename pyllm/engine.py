@@ -1,22 +1,37 @@
 """The engine: a model and one context configured from EngineConfig, and the decode loop."""
 from __future__ import annotations
 
-import logging
+import dataclasses
+import enum
 import time
-from dataclasses import dataclass, field
-from typing import Generator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Generator, Iterator, Optional, Sequence, Union
 
 from pyllm import default_model
 from pyllm.config import EngineConfig
 from pyllm.context import Context, KVCacheBytes
+from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
 from pyllm.model import Model
 from pyllm.sampling import Sampler, SamplingParams
 from pyllm.textstream import TextStream
 
-logger = logging.getLogger("pyllm")
-
 GREEDY = SamplingParams(temperature=0.0)
+
+
+class StopReason(str, enum.Enum):
+    """Why a generation ended; equal to its lower-case string (``StopReason.EOG == "eog"``)."""
+
+    EOG = "eog"                      # an end-of-generation token
+    MAX_TOKENS = "max_tokens"
+    STOP = "stop"                    # a stop string
+    CONTEXT_FULL = "context_full"
+    INTERRUPTED = "interrupted"      # Ctrl-C
+    CANCELLED = "cancelled"          # the consumer closed the stream, or cancelled the request
+    ABORTED = "aborted"              # Context.abort() from another thread
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -24,11 +39,15 @@ class GenerationResult:
     text: str
     tokens: list[int]
     n_prompt: int
-    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted | interrupted | cancelled
+    stop_reason: StopReason
     prompt_ns: int = 0
     gen_ns: int = 0                  # from the end of the prompt to the last token
     n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
-    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_prompt_cached(self) -> int:
+        """Prompt tokens whose K/V were reused from the cache instead of decoded."""
+        return self.n_prompt - self.n_prompt_decoded
 
     @property
     def n_generated(self) -> int:
@@ -66,7 +85,8 @@ class Engine:
         self._owns_model = model is None
         if model is None:
             path = config.model_path or str(default_model.path())
-            model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+            model = Model(path, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers), use_mmap=config.use_mmap,
+                          use_mlock=config.use_mlock)
         self.model = model
         try:
             self.context = Context(
@@ -158,60 +178,65 @@ class Engine:
         stop: Sequence[str] = (),
         chat: bool = False,
         ignore_eos: bool = False,
-    ) -> Generator[str, None, GenerationResult]:
-        """Yield the completion as text pieces (whole UTF-8 characters); return the GenerationResult.
+    ) -> "Stream":
+        """The completion as a :class:`Stream`: iterate it for text pieces (whole UTF-8 characters),
+        then read its ``.result`` (a GenerationResult).
 
         ``prompt``: text, or a list of token ids. ``max_tokens=None`` generates until an
         end-of-generation token or a full context; ``ignore_eos`` generates through end-of-generation
         tokens (as llama.cpp's --ignore-eos; benchmarks use it to run exactly max_tokens steps).
+        Sampling without its own seed uses the engine's (``EngineConfig.seed``, ``LLAMA_SEED``).
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
             raise ConfigError(f"max_tokens={max_tokens!r} is out of range; expected an integer >= 0 or None")
         stops = [s for s in stop if s]
         if any(not isinstance(s, str) for s in stops):
             raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
+        if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
+            sampling = dataclasses.replace(sampling, seed=self.config.seed)
         prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
-        n_ctx = self.context.n_ctx
-        if len(prompt_tokens) >= n_ctx or (max_tokens is not None and len(prompt_tokens) + max_tokens > n_ctx):
-            want = len(prompt_tokens) + (max_tokens or 0)
-            raise ContextFullError(
-                f"prompt of {len(prompt_tokens)} tokens + max_tokens={max_tokens} = {want} does not fit in "
-                f"n_ctx={n_ctx}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
-            )
-        return (yield from self._run(prompt_tokens, max_tokens, sampling, stops, ignore_eos))
+        check_fits(len(prompt_tokens), max_tokens, self.context.n_ctx)
+        result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason=StopReason.MAX_TOKENS)
+        return Stream(self._run(result, prompt_tokens, max_tokens, sampling, stops, ignore_eos), result)
 
     def _run(
-        self, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams, stops: list[str],
-        ignore_eos: bool = False,
+        self, result: GenerationResult, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams,
+        stops: list[str], ignore_eos: bool = False,
     ) -> Generator[str, None, GenerationResult]:
-        ctx, model = self.context, self.model
-        result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason="max_tokens")
         self.last_result = result
-        pieces: list[str] = []
         t0 = time.perf_counter_ns()
         try:
             result.n_prompt_decoded = self.ingest(prompt_tokens)
         except (DecodeAbortedError, KeyboardInterrupt) as exc:
-            result.stop_reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "aborted"
+            result.stop_reason = StopReason.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else StopReason.ABORTED
             result.prompt_ns = time.perf_counter_ns() - t0
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return result
-        t1 = time.perf_counter_ns()
-        result.prompt_ns = t1 - t0
+        result.prompt_ns = time.perf_counter_ns() - t0
+        sampler = None if sampling.is_plain_greedy else Sampler(sampling, self.model.n_vocab)
+        try:
+            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos)
+        finally:
+            if sampler is not None:
+                sampler.close()
+        return result
 
-        sampler = None if sampling.is_plain_greedy else Sampler(sampling, model.n_vocab)
-        text = TextStream(stops)
-        out_tokens = result.tokens
-        cached = self._cached
+    def _generate(self, result: GenerationResult, max_tokens: Optional[int], sampler: Optional[Sampler],
+                  text: TextStream, ignore_eos: bool) -> Generator[str, None, None]:
+        """The decode loop: sample, stop checks, detokenize, decode the token; fills ``result``."""
+        ctx, model = self.context, self.model
+        pieces: list[str] = []
+        out_tokens, cached = result.tokens, self._cached
         limit = max_tokens if max_tokens is not None else ctx.n_ctx
         is_eog, piece_of = model.is_eog, model.token_to_piece
         argmax, decode_one = ctx.argmax, ctx.decode_one
+        t1 = time.perf_counter_ns()
         try:
             while len(out_tokens) < limit:
                 token = argmax() if sampler is None else sampler.sample(ctx)
                 if is_eog(token) and not ignore_eos:
-                    result.stop_reason = "eog"
+                    result.stop_reason = StopReason.EOG
                     break
                 out_tokens.append(token)
                 piece = text.feed(piece_of(token))
@@ -219,43 +244,73 @@ class Engine:
                     pieces.append(piece)
                     yield piece
                 if text.stopped:
-                    result.stop_reason = "stop"
+                    result.stop_reason = StopReason.STOP
                     break
                 if len(out_tokens) >= limit:
-                    result.stop_reason = "max_tokens" if max_tokens is not None else "context_full"
+                    result.stop_reason = StopReason.MAX_TOKENS if max_tokens is not None else StopReason.CONTEXT_FULL
                     break
                 if ctx.n_past >= ctx.n_ctx:
-                    result.stop_reason = "context_full"
+                    result.stop_reason = StopReason.CONTEXT_FULL
                     break
-                decode_one(token)
-                cached.append(token)
+                cached.append(token)  # before the decode: an interrupt inside it may or may not have stored it,
+                decode_one(token)     # and the finally below trims the record to what llama.cpp holds
         except DecodeAbortedError:
-            result.stop_reason = "aborted"
+            result.stop_reason = StopReason.ABORTED
         except (KeyboardInterrupt, GeneratorExit) as exc:
             # Interrupted (Ctrl-C) or closed by the consumer: keep what was produced in
             # engine.last_result, leave the context usable, then let the exception go on.
-            result.stop_reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "cancelled"
+            result.stop_reason = StopReason.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else StopReason.CANCELLED
             result.text = "".join(pieces) + text.finish()
             result.gen_ns = time.perf_counter_ns() - t1
             raise
         finally:
             del cached[ctx.n_past:]
-            if sampler is not None:
-                sampler.close()
         rest = text.finish()
         if rest:
             pieces.append(rest)
             yield rest
         result.gen_ns = time.perf_counter_ns() - t1
         result.text = "".join(pieces)
-        return result
 
     def generate(self, prompt: Union[str, Sequence[int]], **kwargs) -> GenerationResult:
         """Generate a completion; keyword arguments as for stream()."""
-        gen = self.stream(prompt, **kwargs)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
 
+
+def check_fits(n_prompt: int, max_tokens: Optional[int], n_ctx: int) -> None:
+    """A prompt plus the tokens asked for must fit the context; nothing is ever silently truncated."""
+    if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
+        want = n_prompt + (max_tokens or 0)
+        raise ContextFullError(
+            f"prompt of {n_prompt} tokens + max_tokens={max_tokens} = {want} does not fit in "
+            f"n_ctx={n_ctx}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
+        )
+
+
+class Stream(Iterator[str]):
+    """A generation in progress: iterate it for text pieces; ``.result`` is the GenerationResult once the
+    iteration has ended (``None`` before). ``close()`` stops it early (stop reason ``cancelled``)."""
+
+    def __init__(self, gen: Generator[str, None, GenerationResult], result: GenerationResult) -> None:
+        self._gen = gen
+        self._result = result
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._gen)
+        except StopIteration as done:
+            self.result = done.value
+            raise StopIteration(done.value) from None
+
+    def close(self) -> None:
+        started = self._gen.gi_frame is not None and self._gen.gi_frame.f_lasti >= 0
+        self._gen.close()
+        if started and self.result is None:
+            self.result = self._result

@@ -21,7 +21,7 @@ import numpy as np
 
 from pyllm.context import Context, validate_kv_types
 from pyllm.errors import ConfigError
-from pyllm.kvtypes import KV_CACHE_TYPES, normalize_kv_cache_type
+from pyllm.config import check_int, check_kv_type
 from pyllm.model import Model
 
 BASELINE = ("f16", "f16")
@@ -108,17 +108,13 @@ def kv_eval(
     n_gpu_layers: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> EvalReport:
-    if n_ctx < 16 or n_ctx % 2:
-        raise ConfigError(f"-c {n_ctx} is out of range; expected an even context of at least 16 tokens")
-    if n_chunks < 1:
-        raise ConfigError(f"--chunks {n_chunks} is out of range; expected >= 1")
+    if check_int("-c", n_ctx, minimum=16, what=" (an even number of tokens per chunk)") % 2:
+        raise ConfigError(f"-c={n_ctx} is odd; expected an even number of tokens per chunk (at least 16)")
+    check_int("--chunks", n_chunks, minimum=1)
     wanted = [BASELINE]  # a requested f16/f16 is evaluated again in its own context: a determinism check
     requested: list[tuple[str, str]] = []
     for k, v in pairs:
-        ck, cv = normalize_kv_cache_type(k), normalize_kv_cache_type(v)
-        if ck is None or cv is None:
-            bad = k if ck is None else v
-            raise ConfigError(f"KV cache type {bad!r} is unknown; expected one of: {', '.join(KV_CACHE_TYPES)}")
+        ck, cv = check_kv_type("-ctk", k), check_kv_type("-ctv", v)
         if (ck, cv) not in requested:
             requested.append((ck, cv))
     wanted += requested

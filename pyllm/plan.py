@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from pyllm.context import Context, validate_kv_types
 from pyllm.errors import ConfigError, PyllmError
-from pyllm.kvtypes import KV_CACHE_TYPES, normalize_kv_cache_type
+from pyllm.config import check_batch_sizes, check_int, check_kv_type
 from pyllm.model import Model
 
 GRANULE = 256                  # llama.cpp pads the KV cache to multiples of 256 cells
@@ -192,8 +192,7 @@ def default_budget() -> tuple[int, str]:
     raise ConfigError("no device reports its memory; give the budget with --memory, e.g. --memory 16GiB")
 
 
-def make_plan(model_path: str, *, type_k: Sequence[str] = ("f16",), type_v: Optional[Sequence[str]] = None,
-              n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
+def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f16"),), n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
               n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False) -> Plan:
     if memory is None:
         budget, source = default_budget()
@@ -201,19 +200,14 @@ def make_plan(model_path: str, *, type_k: Sequence[str] = ("f16",), type_v: Opti
         budget, source = gpu_budget()
     else:
         budget, source = parse_memory(memory), "--memory"
-    pairs = [(k, k) for k in type_k] if type_v is None else [(k, v) for k in type_k for v in type_v]
-    for flag, names in (("-ctk", type_k), ("-ctv", type_v or ())):
-        for name in names:
-            if normalize_kv_cache_type(name) is None:
-                raise ConfigError(f"{flag} {name!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
-    if n_ctx < 0:
-        raise ConfigError(f"-c {n_ctx} is out of range; expected >= 0 (0 = the model's training context)")
+    pairs = [(check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in pairs]
+    check_int("-c", n_ctx, minimum=0, what=" (0 = the model's training context)")
+    check_batch_sizes(0, n_batch, n_ubatch)
     with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
                  flash_attn=flash_attn) as planner:
         plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget, budget_source=source,
                     n_gpu_layers=n_gpu_layers, rows=[])
         for k, v in pairs:
-            k, v = normalize_kv_cache_type(k), normalize_kv_cache_type(v)
             try:
                 validate_kv_types(planner.model, k, v, flash_attn)
             except PyllmError as exc:

@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from pyllm import bench
+from pyllm.config import kv_pairs
 from pyllm.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def rows(default_model_path):
     params = bench.BenchParams(model_path=str(default_model_path), n_prompt=[32], n_gen=[8], n_depth=[0, 64],
-                               type_k=["f16", "q8_0"], type_v=["q8_0"], flash_attn=["on", "off"], repetitions=2)
+                               kv_pairs=kv_pairs(["f16", "q8_0"], ["q8_0"]), flash_attn=["on", "off"], repetitions=2)
     return bench.run_bench(params)
 
 
@@ -57,11 +58,11 @@ def test_formats(rows):
 
 
 def test_bad_parameters():
-    with pytest.raises(ConfigError, match="-ctk 'q6_k' is not a KV cache type"):
-        bench.BenchParams(model_path="x", type_k=["q6_k"])
-    with pytest.raises(ConfigError, match="-fa 'maybe'"):
+    with pytest.raises(ConfigError, match="-ctk='q6_k' is not a KV cache type"):
+        bench.BenchParams(model_path="x", kv_pairs=[("q6_k", "f16")])
+    with pytest.raises(ConfigError, match="-fa='maybe' is not valid"):
         bench.BenchParams(model_path="x", flash_attn=["maybe"])
-    with pytest.raises(ConfigError, match="repetitions=0"):
+    with pytest.raises(ConfigError, match="-r=0 is out of range"):
         bench.BenchParams(model_path="x", repetitions=0)
 
 

@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, default_model_path):
         (["generate", "hi", "-ctk", "q9_0"], {}, "is not a KV cache type"),
         (["generate", "hi"], {"KV_CACHE_TYPE": "q8"}, "KV_CACHE_TYPE='q8'"),
         (["generate", "hi", "-c", "256", "-n", "1000"], {}, "does not fit in n_ctx=256"),
-        (["generate", "hi", "-fa", "off", "--kv-cache-type", "q8_0"], {}, "needs flash attention"),
+        (["generate", "hi", "-fa", "off", "--kv-cache-type", "q8_0"], {}, "requires flash attention"),
     ]
     for args, env, fragment in cases:
         out = _run(args, tmp_path, MODEL_PATH=str(default_model_path), **env)

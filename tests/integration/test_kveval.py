@@ -54,7 +54,7 @@ def test_formats(report):
 def test_errors(default_model_path, tmp_path):
     with pytest.raises(ConfigError, match=r"tokenizes to \d+ tokens; at least 256"):
         kveval.kv_eval(str(default_model_path), [("q8_0", "q8_0")], text="too short", n_ctx=N_CTX)
-    with pytest.raises(ConfigError, match="'q6_k' is unknown"):
+    with pytest.raises(ConfigError, match="-ctk='q6_k' is not a KV cache type"):
         kveval.kv_eval(str(default_model_path), [("q6_k", "q6_k")], n_ctx=N_CTX)
     with pytest.raises(KVCacheConfigError, match="requires flash attention"):
         kveval.kv_eval(str(default_model_path), [("f16", "q4_0")], n_ctx=N_CTX, flash_attn="off")

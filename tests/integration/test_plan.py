@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from pyllm.config import kv_pairs
+
 from pyllm.context import Context
 from pyllm.errors import ConfigError
 from pyllm.model import Model
@@ -20,7 +22,7 @@ def _real_kv(path, n_ctx, k, v):
 
 @pytest.mark.parametrize("k, v", [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")])
 def test_plan_matches_the_engine_on_the_default_model(default_model_path, k, v):
-    plan = make_plan(str(default_model_path), type_k=[k], type_v=[v], n_ctx=4096, memory="2GiB", n_batch=512)
+    plan = make_plan(str(default_model_path), pairs=[(k, v)], n_ctx=4096, memory="2GiB", n_batch=512)
     (row,) = plan.rows
     real = _real_kv(default_model_path, 4096, k, v)
     assert row.kv_bytes == pytest.approx(real, rel=0.01)
@@ -29,7 +31,7 @@ def test_plan_matches_the_engine_on_the_default_model(default_model_path, k, v):
 
 @pytest.mark.parametrize("k", ["f16", "q8_0", "q4_0"])
 def test_plan_matches_a_real_gqa_llama(gqa_model_path, k):
-    (row,) = make_plan(str(gqa_model_path), type_k=[k], n_ctx=2048, memory="1GiB").rows
+    (row,) = make_plan(str(gqa_model_path), pairs=[(k, k)], n_ctx=2048, memory="1GiB").rows
     assert row.kv_bytes == pytest.approx(_real_kv(gqa_model_path, 2048, k, k), rel=0.01)
     with Model(gqa_model_path) as m:
         head = m.n_embd // m.n_head
@@ -40,7 +42,7 @@ def test_plan_matches_a_real_gqa_llama(gqa_model_path, k):
 
 @pytest.mark.parametrize("k", ["f16", "q8_0"])
 def test_plan_matches_a_real_mla_model(mla_model_path, k):
-    (row,) = make_plan(str(mla_model_path), type_k=[k], n_ctx=2048, memory="1GiB").rows
+    (row,) = make_plan(str(mla_model_path), pairs=[(k, k)], n_ctx=2048, memory="1GiB").rows
     assert row.kv_bytes == pytest.approx(_real_kv(mla_model_path, 2048, k, k), rel=0.01)
     # MLA caches one latent of kv_lora_rank + rope dims (128 + 32) per layer, far below K+V of 8 heads.
     from pyllm.kvtypes import bytes_per_value
@@ -50,13 +52,13 @@ def test_plan_matches_a_real_mla_model(mla_model_path, k):
 
 
 def test_mla_refuses_mixed_types(mla_model_path):
-    plan = make_plan(str(mla_model_path), type_k=["q8_0"], type_v=["f16"], n_ctx=1024, memory="1GiB")
+    plan = make_plan(str(mla_model_path), pairs=[("q8_0", "f16")], n_ctx=1024, memory="1GiB")
     assert "requires equal K and V cache types" in plan.rows[0].error
 
 
 def test_max_context_is_the_largest_that_fits(gqa_model_path):
     budget = parse_memory("24MiB")
-    (row,) = make_plan(str(gqa_model_path), type_k=["f16"], n_ctx=1024, memory="24MiB").rows
+    (row,) = make_plan(str(gqa_model_path), pairs=[("f16", "f16")], n_ctx=1024, memory="24MiB").rows
     assert 0 < row.max_ctx_uncapped
     with Planner(str(gqa_model_path)) as p:
         at, _ = p.measure(row.max_ctx_uncapped, "f16", "f16")
@@ -65,7 +67,7 @@ def test_max_context_is_the_largest_that_fits(gqa_model_path):
 
 
 def test_quantized_kv_fits_more_context(gqa_model_path):
-    plan = make_plan(str(gqa_model_path), type_k=["f16", "q8_0", "q4_0"], n_ctx=1024, memory="64MiB")
+    plan = make_plan(str(gqa_model_path), pairs=kv_pairs(["f16", "q8_0", "q4_0"], None), n_ctx=1024, memory="64MiB")
     f16, q8, q4 = (r.max_ctx_uncapped for r in plan.rows)
     assert f16 < q8 < q4
 

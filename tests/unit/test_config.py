@@ -51,7 +51,7 @@ def test_config_canonicalises_kv_names():
         ({"n_threads": 0}, "n_threads=0 is out of range"),
         ({"n_gpu_layers": -5}, "n_gpu_layers=-5 is out of range"),
         ({"n_ctx": "4096"}, "n_ctx='4096' is not an integer"),
-        ({"kv_cache_type_v": "q8_0", "flash_attn": "off"}, "needs flash attention, but flash_attn='off'"),
+        ({"kv_cache_type_v": "q8_0", "flash_attn": "off"}, "requires flash attention, but flash_attn is 'off'"),
         ({"seed": -1}, "seed=-1 is out of range"),
     ],
 )
@@ -110,7 +110,7 @@ def test_kv_precedence_argument_then_side_then_both(env, overrides, expected):
         ({"GPU_LAYERS": "-2"}, "GPU_LAYERS='-2' is out of range"),
         ({"USE_MLOCK": "sometimes"}, "USE_MLOCK='sometimes' is not a boolean"),
         ({"FLASH_ATTN": "yes please"}, "FLASH_ATTN='yes please' is not valid"),
-        ({"KV_CACHE_TYPE": "q8_0", "FLASH_ATTN": "off"}, "needs flash attention"),
+        ({"KV_CACHE_TYPE": "q8_0", "FLASH_ATTN": "off"}, "requires flash attention"),
     ],
 )
 def test_from_env_invalid_values_name_the_variable(env, fragment):

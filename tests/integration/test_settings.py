@@ -1,0 +1,94 @@
+"""One source of truth for settings: every command honours the environment and .env files the same way."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyllm.engine import Engine
+from pyllm.sampling import SamplingParams
+
+CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
+# Variables of the test runner's own environment that would leak into the commands under test.
+_SETTINGS_VARS = ("MODEL_PATH", "KV_CACHE_TYPE", "KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V", "GPU_LAYERS", "FLASH_ATTN",
+                  "MAX_CONTEXT_LENGTH", "LLAMA_BATCH_SIZE", "LLAMA_UBATCH_SIZE", "LLAMA_THREADS", "PYLLM_ENV_FILE")
+
+
+def _run(args, cwd, **env):
+    base = {k: v for k, v in os.environ.items() if k not in _SETTINGS_VARS}
+    return subprocess.run(CLI + args, capture_output=True, text=True, cwd=cwd, timeout=300, env={**base, **env})
+
+
+def test_plan_honours_model_path_gpu_layers_and_kv_cache_type(tmp_path, gqa_model_path):
+    out = _run(["plan", "--memory", "1GiB", "--json"], tmp_path, MODEL_PATH=str(gqa_model_path), GPU_LAYERS="0",
+               KV_CACHE_TYPE="q8_0", MAX_CONTEXT_LENGTH="1024")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["model_path"] == str(gqa_model_path) and plan["n_gpu_layers"] == 0
+    assert [(r["type_k"], r["type_v"], r["n_ctx"]) for r in plan["rows"]] == [("q8_0", "q8_0", 1024)]
+
+
+def test_bench_honours_model_path_and_kv_cache_type(tmp_path, gqa_model_path):
+    out = _run(["bench", "-p", "16", "-n", "4", "-r", "1", "-o", "json"], tmp_path, MODEL_PATH=str(gqa_model_path),
+               GPU_LAYERS="0", KV_CACHE_TYPE="q8_0", LLAMA_THREADS="1")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {(r["type_k"], r["type_v"], r["n_threads"], r["n_gpu_layers"]) for r in rows} == {("q8_0", "q8_0", 1, 0)}
+    assert {r["test"] for r in rows} == {"pp16", "tg4"}
+
+
+def test_kv_eval_honours_the_environment_and_takes_its_own_chunk_size(tmp_path, gqa_model_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = _run(["kv-eval", "-f", str(text), "-c", "32", "--chunks", "1", "--json"], tmp_path,
+               MODEL_PATH=str(gqa_model_path), KV_CACHE_TYPE_K="q8_0", MAX_CONTEXT_LENGTH="120000")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["n_ctx"] == 32
+    assert [(r["type_k"], r["type_v"]) for r in report["results"]] == [("f16", "f16"), ("q8_0", "q8_0")]
+
+
+def test_env_file_on_the_command_line_loads_and_bad_values_name_it(tmp_path, gqa_model_path):
+    good = tmp_path / "seed.env"
+    good.write_text(f"MODEL_PATH={gqa_model_path}\nMODEL_CHAT_TEMPLATE=glm4\nKV_CACHE_TYPE=q8_0\n"
+                    "MAX_CONTEXT_LENGTH=2048\nLLAMA_BATCH_SIZE=1024\nGPU_LAYERS=0\n")
+    for args in (["--env-file", str(good), "plan"], ["plan", "--env-file", str(good)]):
+        out = _run(args + ["--memory", "1GiB", "--json"], tmp_path)
+        assert out.returncode == 0, out.stderr
+        plan = json.loads(out.stdout)
+        assert plan["model_path"] == str(gqa_model_path)
+        assert [(r["type_k"], r["n_ctx"]) for r in plan["rows"]] == [("q8_0", 2048)]
+    bad = tmp_path / "bad.env"
+    bad.write_text(f"MODEL_PATH={gqa_model_path}\nGPU_LAYERS=all\n")
+    out = _run(["--env-file", str(bad), "plan"], tmp_path)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"pyllm: error: GPU_LAYERS (from {bad})='all' is not an integer; expected an integer in "
+                     "[-1, 2147483647]"], out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "plan", "kv-eval"])
+def test_help_names_the_variable_behind_each_flag(tmp_path, command):
+    out = _run([command, "--help"], tmp_path)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for var in ("MODEL_PATH", "KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V", "GPU_LAYERS", "LLAMA_BATCH_SIZE"):
+        assert f"[env {var}]" in text, (command, var)
+    assert "PYLLM_ENV_FILE" in text
+
+
+def test_llama_seed_makes_sampled_generation_reproducible(monkeypatch, default_model_path):
+    monkeypatch.setenv("MODEL_PATH", str(default_model_path))
+    monkeypatch.setenv("LLAMA_SEED", "7")
+    monkeypatch.setenv("MAX_CONTEXT_LENGTH", "512")
+    prompt, sampling = "Once upon a time", SamplingParams(temperature=0.8)
+    with Engine() as engine:
+        first = engine.generate(prompt, max_tokens=24, sampling=sampling)
+        engine.reset()
+        second = engine.generate(prompt, max_tokens=24, sampling=sampling)
+        other = engine.generate(prompt, max_tokens=24, sampling=SamplingParams(temperature=0.8, seed=8))
+    assert first.tokens == second.tokens and first.n_generated == 24
+    assert other.tokens != first.tokens  # the request's own seed still wins
