@@ -168,15 +168,21 @@ def _environment():
                     b.size(len(left) + len(right))
             return super().call_binop(context, operator, left, right)
 
+    class CheckedRange(list):
+        """range() for templates: a real list (len, indexing, |length work) whose iteration checks the budget."""
+
+        def __iter__(self):
+            b = _budget()
+            for i in list.__iter__(self):
+                if b is not None:
+                    b.tick()
+                yield i
+
     def checked_range(*args):
         r = range(*args)
         if len(r) > MAX_RANGE:
             raise _Limit(f"range of {len(r)} items is longer than the sandbox allows ({MAX_RANGE})")
-        b = _budget()
-        for i in r:
-            if b is not None:
-                b.tick()
-            yield i
+        return CheckedRange(r)
 
     env = ChatEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
     env.filters["tojson"] = _tojson
