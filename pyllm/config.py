@@ -176,7 +176,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("model_path", "MODEL_PATH", ("-m", "--model"), "str", "GGUF model file (default: the default model)"),
     Setting("chat_template", "MODEL_CHAT_TEMPLATE", ("--chat-template",), "str",
-            "chat template: a name, a .jinja file or template text (default: the model's own)"),
+            "chat template: a name (glm4, a shipped template, a llama.cpp built-in), a .jinja path or template "
+            "text (default: the GGUF's tokenizer.chat_template)"),
     Setting("n_ctx", "MAX_CONTEXT_LENGTH", ("-c", "--ctx-size"), "int",
             f"context length in tokens (default {DEFAULT_N_CTX}; 0 = the model's training context)"),
     Setting("n_batch", "LLAMA_BATCH_SIZE", ("-b", "--batch-size"), "int",
@@ -238,7 +239,7 @@ class EngineConfig:
                 raise ConfigError(f"model_path={self.model_path!r} is not a path; expected a GGUF file path or None")
             self.model_path = os.fspath(self.model_path)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name or text")
+            raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name, a .jinja path or template text")
         check_int("n_ctx", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
         if self.n_batch is None:
             self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if self.n_ctx else DEFAULT_N_BATCH

@@ -73,14 +73,17 @@ def _rand(rng, *shape, dtype=np.float16, scale=0.02):
 
 
 def write_llama(path, *, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=512, n_ctx_train=8192,
-                seed=0, dtype=np.float16, n_vocab=0) -> Path:
-    """A llama model with GQA; head size n_embd / n_head; n_vocab > 259 pads the byte vocabulary."""
+                seed=0, dtype=np.float16, n_vocab=0, chat_template=None) -> Path:
+    """A llama model with GQA; head size n_embd / n_head; n_vocab > 259 pads the byte vocabulary;
+    ``chat_template`` (Jinja text) is written as tokenizer.chat_template."""
     gguf = _gguf()
     rng = np.random.default_rng(seed)
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"synthetic-llama-{n_layer}L-{n_embd}")
     n_vocab = _vocab(w, gguf, n_vocab)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     hd = n_embd // n_head
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
