@@ -56,6 +56,8 @@ class EngineConfig:
     kv_cache_type_v: Optional[str] = None     # -ctv
     seed: Optional[int] = None                # None: llama.cpp's default (random)
     offload_kqv: bool = True                  # keep the KV cache and attention on the GPU when offloading
+    n_parallel: int = 1                       # sequences decoded at once by the batched engine (-np)
+    kv_unified: bool = True                   # one KV pool of n_ctx for all sequences; False: n_ctx / n_parallel each
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -77,7 +79,8 @@ class EngineConfig:
             # llama.cpp would clamp silently; say so instead of pretending the batch is that large.
             raise ConfigError(f"n_batch={self.n_batch} is larger than n_ctx={self.n_ctx}; expected n_batch <= n_ctx")
         _check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
-        for name in ("use_mmap", "use_mlock", "offload_kqv"):
+        _check_int("n_parallel", self.n_parallel, minimum=1, maximum=256, what=" (llama.cpp's LLAMA_MAX_SEQ is 256)")
+        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
         for name in ("n_threads", "n_threads_batch"):
@@ -171,6 +174,7 @@ class EngineConfig:
         integer("GPU_LAYERS", "n_gpu_layers", -1)
         integer("LLAMA_THREADS", "n_threads", 1)
         integer("LLAMA_SEED", "seed", 0)
+        integer("LLAMA_PARALLEL", "n_parallel", 1)
         boolean("USE_MLOCK", "use_mlock")
         boolean("USE_MMAP", "use_mmap")
         if (fa := text("FLASH_ATTN")) is not None:
@@ -202,6 +206,7 @@ ENV_VARS: dict[str, str] = {
     "GPU_LAYERS": "n_gpu_layers, layers offloaded to the GPU (-1 or 99 = all; default 0)",
     "LLAMA_THREADS": "n_threads and n_threads_batch (default: llama.cpp's)",
     "LLAMA_SEED": "sampling seed (default: random)",
+    "LLAMA_PARALLEL": "n_parallel, sequences the batched engine decodes at once (default 1)",
     "USE_MLOCK": "lock the model in RAM (1/0)",
     "USE_MMAP": "memory-map the model file (1/0, default 1)",
     "FLASH_ATTN": "auto | on | off (default auto: on when V is quantized)",

@@ -219,6 +219,8 @@ class Context(NativeHandle):
         offload_kqv: bool = True,
         no_perf: bool = True,
         swa_full: bool = False,
+        n_seq_max: int = 1,
+        kv_unified: bool = True,
     ) -> None:
         model.ptr  # raises ClosedError on a closed model
         if flash_attn not in _FA:
@@ -226,6 +228,10 @@ class Context(NativeHandle):
         for name, value, minimum in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value > 2**31 - 1:
                 raise ContextError(f"{name}={value!r} is out of range; expected an integer >= {minimum}")
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= 256:
+            raise ContextError(f"n_seq_max={n_seq_max!r} is out of range; expected an integer in [1, 256]")
+        if not isinstance(kv_unified, bool):
+            raise ContextError(f"kv_unified={kv_unified!r} is not a bool; expected True or False")
         for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
                 raise ContextError(f"{name}={value!r} is out of range; expected an integer in [1, 1024] or None")
@@ -240,7 +246,9 @@ class Context(NativeHandle):
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq_max
+        if n_seq_max > 1:  # one sequence: llama.cpp's default layout, as before
+            params.kv_unified = kv_unified
         params.n_threads = n_threads or default_threads()
         params.n_threads_batch = n_threads_batch or params.n_threads
         params.flash_attn_type = getattr(lib, _FA[flash_attn])
@@ -285,6 +293,8 @@ class Context(NativeHandle):
         self.n_ctx = int(lib.llama_n_ctx(p))
         self.n_batch = int(lib.llama_n_batch(p))
         self.n_ubatch = int(lib.llama_n_ubatch(p))
+        self.n_seq_max = int(lib.llama_n_seq_max(p))
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(p))  # positions one sequence may hold
         self.n_vocab = self.model.n_vocab
         self.flash_attn = bool(lib.pyllm_context_flash_attn(p))
         self._kv_lines = [m.groups() for m in map(_KV_LINE.search, lines) if m]

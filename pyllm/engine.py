@@ -24,11 +24,13 @@ class GenerationResult:
     text: str
     tokens: list[int]
     n_prompt: int
-    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted | interrupted | cancelled
+    stop_reason: str                 # eog | max_tokens | stop | context_full | aborted | interrupted | cancelled | error
     prompt_ns: int = 0
     gen_ns: int = 0                  # from the end of the prompt to the last token
     n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
     timings: dict = field(default_factory=dict)
+    n_prompt_cached: int = 0         # prompt tokens reused from the KV cache (the batched engine sets it)
+    error: Optional[BaseException] = None  # what ended a generation with stop_reason 'error'
 
     @property
     def n_generated(self) -> int:
@@ -191,6 +193,7 @@ class Engine:
         t0 = time.perf_counter_ns()
         try:
             result.n_prompt_decoded = self.ingest(prompt_tokens)
+            result.n_prompt_cached = result.n_prompt - result.n_prompt_decoded
         except (DecodeAbortedError, KeyboardInterrupt) as exc:
             result.stop_reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "aborted"
             result.prompt_ns = time.perf_counter_ns() - t0
