@@ -267,6 +267,8 @@ class BatchedEngine:
         self._mem = ctx._memory
         self._ctx_ptr = ctx.ptr
         self._vocab = model.vocab_ptr
+        bos = model.bos
+        self._bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 and model.add_bos else ""
         self._abort_flag = ctx._abort_flag
         self._abort_flag[0] = 0
         self._batch = ctx._batch._struct
@@ -320,11 +322,12 @@ class BatchedEngine:
     # ---- tokens ----
     def tokenize(self, text: str, *, parse_special: bool = False) -> list[int]:
         """Text to ids as submit() does: BOS added as the model asks, never twice."""
-        toks = self.model.tokenize(text, add_special=True, parse_special=parse_special)
-        bos = self.model.bos
-        if parse_special and len(toks) >= 2 and toks[0] == toks[1] == bos and self.model.add_bos:
-            del toks[0]  # the text began with the BOS token's own text (a rendered chat template)
-        return toks
+        if not isinstance(text, str):
+            raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str")
+        add = True
+        if parse_special and self._bos_text and text.startswith(self._bos_text):
+            add = False  # a rendered chat template already starts with the BOS token's text
+        return self.model.tokenize(text, add_special=add, parse_special=parse_special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.model.detokenize(ids)

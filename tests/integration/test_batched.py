@@ -76,7 +76,7 @@ def _wait_until(pred, timeout=30.0):
 
 def test_concurrent_greedy_matches_the_single_engine(engine, single, model):
     rng = random.Random(12)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60))) for _ in range(16)]
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60))) for _ in range(12)]
     lengths = [rng.randint(8, 32) for _ in prompts]
     lengths[:4] = [32] * 4
     reqs = [engine.submit(p, max_tokens=n) for p, n in zip(prompts, lengths)]
@@ -94,8 +94,9 @@ def test_concurrent_greedy_matches_the_single_engine(engine, single, model):
             assert gap < NEAR_TIE, f"diverged at token {k} where the logits differ by {gap:.3f}: not a near-tie"
         first32 += d is None or d[0] >= 32
     rate = exact / len(prompts)
-    print(f"\nbatched vs alone (16 concurrent, f16 KV): {exact}/16 identical; every divergence at a near-tie")
-    # Honest bar for this model on CPU: measured 12/16 identical; the 95% is not reached.
+    print(f"\nbatched vs alone ({len(prompts)} concurrent, f16 KV): {exact}/{len(prompts)} identical, "
+          f"{first32}/{len(prompts)} identical for their first 32 tokens; every divergence at a near-tie")
+    # Honest bar for this model on CPU: 9-12 of 16 measured identical; the 95% is not reached.
     assert rate >= 0.5
 
 
@@ -111,15 +112,42 @@ def test_stop_strings_and_max_tokens(engine, single):
     assert engine.submit(prompt, max_tokens=24, stop=stop).wait().text == r.text  # a bare str is one stop
 
 
-def test_eog_ends_a_chat_turn(engine):
+def test_chat_text_gets_one_bos(engine):
     text = "<start_of_turn>user\nSay hello in one word.<end_of_turn>\n<start_of_turn>model\n"
     toks = engine.tokenize(text, parse_special=True)
     assert toks.count(engine.model.bos) == 1 and toks[0] == engine.model.bos
     assert engine.tokenize("<bos>" + text, parse_special=True) == toks  # no second BOS
-    r = engine.submit(text, max_tokens=64, parse_special=True).wait()
-    assert r.stop_reason == "eog" and 0 < r.n_generated < 64 and r.text.strip()
-    forced = engine.submit(text, max_tokens=r.n_generated + 3, parse_special=True, ignore_eos=True).wait()
-    assert forced.stop_reason == "max_tokens" and forced.tokens[: r.n_generated] == r.tokens
+    assert engine.submit("<bos>" + text, parse_special=True, max_tokens=1).n_prompt == len(toks)
+
+
+def test_eog_ends_generation(engine, monkeypatch):
+    # The default (base) model practically never emits an end-of-generation token, so a sampler chain
+    # with a logit bias on <end_of_turn> makes llama.cpp's sampler pick one.
+    import pyllm.batched as batched
+    from pyllm._ffi import ffi, lib
+    from pyllm._handle import NativeHandle
+
+    eot = engine.tokenize("<end_of_turn>", parse_special=True)[-1]
+    assert engine.model.is_eog(eot)
+
+    class EOGBiased(batched.Sampler):
+        def __init__(self, params, n_vocab):
+            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            NativeHandle.__init__(self, chain, lib.llama_sampler_free)
+            self.params = params
+            bias = ffi.new("llama_logit_bias[1]")
+            bias[0].token, bias[0].bias = eot, 100.0
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, 1, bias))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+
+    monkeypatch.setattr(batched, "Sampler", EOGBiased)
+    sp = SamplingParams(temperature=0.0, repeat_penalty=1.01)  # not plain greedy: uses the chain
+    other = engine.submit("Once upon a time", max_tokens=8)  # plain greedy, no chain: unaffected
+    r = engine.submit("The three primary colors are", max_tokens=16, sampling=sp).wait(30)
+    assert r.stop_reason == "eog" and r.tokens == [] and r.text == ""
+    forced = engine.submit("The three primary colors are", max_tokens=5, sampling=sp, ignore_eos=True).wait(30)
+    assert forced.stop_reason == "max_tokens" and forced.tokens == [eot] * 5
+    assert other.wait(30).n_generated == 8
 
 
 def test_cancel_mid_prompt_and_mid_generation_frees_cells(engine, single):
@@ -253,6 +281,28 @@ def test_an_exception_in_one_consumer_does_not_stop_the_others(engine):
         assert r.stop_reason == "max_tokens" and r.n_generated == 20 and texts[i] == r.text
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
+def test_ctrl_c_aborts_running_requests_and_the_engine_stays_usable(model):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    from pyllm._ffi import lib
+
+    with BatchedEngine(EngineConfig(n_ctx=1024, n_parallel=2), model=model) as eng:
+        r = eng.submit("Once upon a time", max_tokens=400, ignore_eos=True)
+        _wait_until(lambda: len(r.token_ids) >= 2)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        if not r.done and not lib.pyllm_sigint_pending():
+            # The C bridge is installed once per process; a later signal.signal(SIGINT, ...) (asyncio.run
+            # does one) replaces it, and then only the main thread hears Ctrl-C.
+            r.cancel()
+            pytest.skip("the Ctrl-C bridge was replaced by a Python-level SIGINT handler in this process")
+        assert r.wait(10).stop_reason == "aborted" and r.result.n_generated < 400
+        assert eng.submit("Once upon a time", max_tokens=4).wait(30).stop_reason == "max_tokens"
+        assert eng.stats()["interrupted_total"] >= 1
+
+
 def test_asyncio_iteration(engine):
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
     sync = [engine.submit(p, max_tokens=12).wait().text for p in prompts]
@@ -302,21 +352,6 @@ def test_close_with_requests_in_flight_returns_promptly(model):
         eng.submit("hi")
     eng.close()  # idempotent
     assert not model.closed  # a shared model stays open
-
-
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
-def test_ctrl_c_aborts_running_requests_and_the_engine_stays_usable(model):
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default handler here")
-    with BatchedEngine(EngineConfig(n_ctx=1024, n_parallel=2), model=model) as eng:
-        r = eng.submit("Once upon a time", max_tokens=400, ignore_eos=True)
-        _wait_until(lambda: len(r.token_ids) >= 2)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-        assert r.wait(10).stop_reason == "aborted" and r.result.n_generated < 400
-        assert eng.submit("Once upon a time", max_tokens=4).wait(30).stop_reason == "max_tokens"
-        assert eng.stats()["interrupted_total"] >= 1
 
 
 def _mixed_load(eng: BatchedEngine, n: int, seed: int) -> dict:
