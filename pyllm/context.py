@@ -23,7 +23,8 @@ from pyllm.errors import (
     PyllmError,
     check_decode,
 )
-from pyllm.config import check_flash_attn, check_int, check_kv_type, check_threads, check_v_needs_flash_attn
+from pyllm.config import (check_bool, check_flash_attn, check_int, check_kv_type, check_threads,
+                          check_v_needs_flash_attn)
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, block_size, is_quantized, parse_kv_cache_type
 from pyllm.model import Model
 
@@ -221,6 +222,7 @@ class Context(NativeHandle):
         check_threads("n_threads", n_threads)
         check_threads("n_threads_batch", n_threads_batch)
         check_int("n_seq_max", n_seq_max, minimum=1, maximum=256)  # LLAMA_MAX_SEQ
+        check_bool("kv_unified", kv_unified)
         if model.vocab_only:
             raise ContextError(f"model {model.path.name} was loaded vocab_only; load its weights to create a context")
         self.type_k = check_kv_type("type_k", type_k or DEFAULT_KV_CACHE_TYPE)
@@ -248,8 +250,11 @@ class Context(NativeHandle):
 
     def _params(self, *, flash_attn: str, n_threads: int, n_threads_batch: Optional[int], **fields):
         params = lib.llama_context_default_params()
+        kv_unified = fields.pop("kv_unified")
         for name, value in fields.items():
             setattr(params, name, value)
+        if params.n_seq_max > 1:  # one sequence: llama.cpp's default layout, as before
+            params.kv_unified = kv_unified
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch or n_threads
         params.flash_attn_type = getattr(lib, _FA[flash_attn])
@@ -280,9 +285,10 @@ class Context(NativeHandle):
         self.n_ctx = int(lib.llama_n_ctx(p))
         self.n_batch = int(lib.llama_n_batch(p))
         self.n_ubatch = int(lib.llama_n_ubatch(p))
+        self.n_seq_max = int(lib.llama_n_seq_max(p))
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(p))  # positions one sequence may hold
         self.n_vocab = self.model.n_vocab
         self.flash_attn = bool(lib.pyllm_context_flash_attn(p))
-        self.n_seq_max = int(lib.llama_n_seq_max(p))
         self._batch = Batch(self.n_batch)
         self._memory = lib.llama_get_memory(p)
         self._busy = threading.Lock()

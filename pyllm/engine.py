@@ -30,7 +30,8 @@ class StopReason(str, enum.Enum):
     CONTEXT_FULL = "context_full"
     INTERRUPTED = "interrupted"      # Ctrl-C
     CANCELLED = "cancelled"          # the consumer closed the stream, or cancelled the request
-    ABORTED = "aborted"              # Context.abort() from another thread
+    ABORTED = "aborted"              # Context.abort() from another thread; Ctrl-C in the batched engine
+    ERROR = "error"                  # the batched engine ended this request on an error (GenerationResult.error)
 
     def __str__(self) -> str:
         return self.value
@@ -44,12 +45,9 @@ class GenerationResult:
     stop_reason: StopReason
     prompt_ns: int = 0
     gen_ns: int = 0                  # from the end of the prompt to the last token
-    n_prompt_decoded: int = 0        # prompt tokens actually decoded (the rest reused from the cache)
-
-    @property
-    def n_prompt_cached(self) -> int:
-        """Prompt tokens whose K/V were reused from the cache instead of decoded."""
-        return self.n_prompt - self.n_prompt_decoded
+    n_prompt_decoded: int = 0        # prompt tokens actually decoded
+    n_prompt_cached: int = 0         # prompt tokens whose K/V were reused from the cache instead of decoded
+    error: Optional[BaseException] = None  # what ended a generation with stop_reason ERROR
 
     @property
     def n_generated(self) -> int:
@@ -221,6 +219,7 @@ class Engine:
         t0 = time.perf_counter_ns()
         try:
             result.n_prompt_decoded = self.ingest(prompt_tokens)
+            result.n_prompt_cached = result.n_prompt - result.n_prompt_decoded
         except (DecodeAbortedError, KeyboardInterrupt) as exc:
             result.stop_reason = StopReason.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else StopReason.ABORTED
             result.prompt_ns = time.perf_counter_ns() - t0

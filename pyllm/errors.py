@@ -47,6 +47,10 @@ class ContextFullError(PyllmError, ValueError):
     """The prompt plus the requested tokens do not fit in the context (n_ctx)."""
 
 
+class QueueFullError(PyllmError, RuntimeError):
+    """The batched engine's bounded request queue is full; retry later (HTTP servers answer 503)."""
+
+
 class DecodeError(PyllmError, RuntimeError):
     """llama_decode failed; the subclass tells which of its documented return codes it was."""
 

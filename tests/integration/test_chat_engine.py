@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pyllm import Engine, EngineConfig, Model, chat
+from pyllm import Engine, EngineConfig, chat
 from pyllm.errors import ChatTemplateError
 
 pytestmark = pytest.mark.skipif(chat.templates_dir() is None, reason="llama.cpp's models/templates not available")

@@ -1,0 +1,763 @@
+"""Continuous batching: many sequences in one llama.cpp context, decoded by one loop on one thread.
+
+``BatchedEngine`` owns a context with ``n_seq_max = n_parallel`` and a background thread that is the
+only code touching it (llama.cpp contexts are not thread-safe). Callers ``submit()`` prompts from any
+thread and get a ``Request`` to iterate (blocking or ``async for``), ``cancel()`` or ``wait()`` on.
+
+Each loop step makes ONE ``llama_decode`` batch: the next token of every generating sequence plus
+prompt chunks of newly admitted ones (at most one ``n_ubatch`` of prompt tokens while others are
+generating, so a long prompt does not stall them; up to ``n_batch`` otherwise).
+
+KV accounting (unified KV, the default): the pool has ``n_ctx`` cells shared by all sequences. A
+request is admitted only when ``n_prompt + max_tokens`` cells can be reserved for it next to the
+reservations of the running sequences and the cells held by idle prefix caches (the least recently
+used idle caches are evicted to make room). A running sequence therefore never runs out of cells and
+nothing is ever truncated. With ``kv_unified=False`` every sequence has its own ``n_ctx / n_parallel``
+cells (llama.cpp's split streams) and only a free slot is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from pyllm import default_model
+from pyllm._ffi import ffi, lib
+from pyllm.config import EngineConfig
+from pyllm.context import Context, KVCacheBytes, _install_sigint_bridge
+from pyllm.engine import GREEDY, GenerationResult, StopReason
+from pyllm.errors import (
+    ClosedError,
+    ConfigError,
+    ContextFullError,
+    DecodeError,
+    NoKVSlotError,
+    QueueFullError,
+    TokenizeError,
+    check_decode,
+)
+from pyllm.model import Model
+from pyllm.sampling import Sampler, SamplingParams
+from pyllm.textstream import TextStream
+
+logger = logging.getLogger("pyllm")
+
+__all__ = ["BatchedEngine", "Request"]
+
+_ids = itertools.count(1)
+
+
+class Request:
+    """One submitted generation. Iterate it for text pieces (whole UTF-8 characters), from a thread
+    (``for``) or from asyncio (``async for``); each iteration starts from the first piece. Leaving an
+    iteration early (``break``, an exception in the loop body) cancels the request, as closing
+    ``Engine.stream``'s generator does. ``result`` is set once ``done``.
+    """
+
+    def __init__(self, tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams,
+                 stops: list[str], ignore_eos: bool, reserve: int) -> None:
+        self.id = next(_ids)
+        self.prompt_tokens = tokens
+        self.n_prompt = len(tokens)
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stops = stops
+        self.ignore_eos = ignore_eos
+        self.token_ids: list[int] = []           # generated ids so far (appended by the engine thread)
+        self.seq_id: Optional[int] = None        # llama.cpp sequence (slot) once admitted
+        self.result: Optional[GenerationResult] = None
+        self._pieces: list[str] = []
+        self._cond = threading.Condition()
+        self._done = False
+        self._cancelled = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._wake: Callable[[], None] = lambda: None
+        # Owned by the engine thread:
+        self._reserve = reserve                  # cells this sequence may occupy at most
+        self._arr = np.asarray(tokens, dtype=np.int32)
+        self._slot: Optional[_Slot] = None
+        self._pos = 0                            # tokens of this sequence in the KV cache
+        self._pending = -1                       # sampled token to decode next step (-1: prefilling)
+        self._sampler: Optional[Sampler] = None
+        self._text: Optional[TextStream] = None
+        self._t_admit = 0
+        self._t_first = 0
+        self._n_cached = 0
+
+    # ---- state ----
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop this request: thread-safe and idempotent. Its KV cells are freed at the engine's next
+        step (between two decodes); iteration then ends and ``result.stop_reason`` is 'cancelled'."""
+        with self._cond:
+            if self._done or self._cancelled:
+                return
+            self._cancelled = True
+        self._wake()
+
+    def wait(self, timeout: Optional[float] = None) -> GenerationResult:
+        """Block until the request is done; its GenerationResult. TimeoutError after ``timeout`` s."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"request {self.id} not done after {timeout} s")
+        assert self.result is not None
+        return self.result
+
+    # ---- iteration ----
+    def __iter__(self) -> Iterator[str]:
+        i = 0
+        completed = False
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: i < len(self._pieces) or self._done)
+                    chunk = self._pieces[i:]
+                    finished = self._done
+                i += len(chunk)
+                yield from chunk
+                if finished and i >= len(self._pieces):
+                    completed = True
+                    return
+        finally:
+            if not completed:
+                self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        i = 0
+        completed = False
+        try:
+            while True:
+                fut = None
+                with self._cond:
+                    chunk = self._pieces[i:]
+                    if not chunk:
+                        if self._done:
+                            completed = True
+                            return
+                        fut = loop.create_future()
+                        self._waiters.append((loop, fut))
+                if fut is not None:
+                    await fut
+                    continue
+                i += len(chunk)
+                for piece in chunk:
+                    yield piece
+        finally:
+            if not completed:
+                self.cancel()
+
+    async def aresult(self) -> GenerationResult:
+        """Await the GenerationResult from asyncio without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._done:
+                    assert self.result is not None
+                    return self.result
+                fut = loop.create_future()
+                self._waiters.append((loop, fut))
+            await fut
+
+    # ---- engine side (engine thread only) ----
+    def _publish(self, piece: str = "", *, result: Optional[GenerationResult] = None) -> None:
+        with self._cond:
+            if piece:
+                self._pieces.append(piece)
+            if result is not None:
+                self.result = result
+                self._done = True
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
+
+    def __repr__(self) -> str:
+        state = self.result.stop_reason if self.result else ("cancelling" if self._cancelled else "running")
+        return f"<pyllm.Request {self.id} n_prompt={self.n_prompt} generated={len(self.token_ids)} {state}>"
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Slot:
+    """One llama.cpp sequence id and what its cells hold (kept after a request ends, for prefix reuse)."""
+
+    __slots__ = ("seq", "cached", "req", "last_used")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.cached: list[int] = []   # tokens whose K/V are in this sequence's cells, in order
+        self.req: Optional[Request] = None
+        self.last_used = 0
+
+
+def _common_prefix(a: Sequence[int], b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:m], dtype=np.int32) != b[:m])
+    return int(diff[0]) if len(diff) else m
+
+
+class BatchedEngine:
+    """A model and one context serving ``config.n_parallel`` sequences at once (continuous batching).
+
+    ``BatchedEngine()`` reads the environment (``EngineConfig.from_env()``). ``max_queue``: how many
+    requests may wait beyond the ``n_parallel`` running ones before ``submit`` raises QueueFullError.
+    ``cache_prompt``: keep a finished sequence's cells as an idle prefix cache for later requests (as
+    llama-server does); they are evicted, least recently used first, when cells are needed.
+    """
+
+    def __init__(self, config: Optional[EngineConfig] = None, *, model: Optional[Model] = None,
+                 max_queue: int = 64, cache_prompt: bool = True) -> None:
+        self.config = config = config if config is not None else EngineConfig.from_env()
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ConfigError(f"max_queue={max_queue!r} is out of range; expected an integer >= 0")
+        if not isinstance(cache_prompt, bool):
+            raise ConfigError(f"cache_prompt={cache_prompt!r} is not a bool; expected True or False")
+        self.max_queue = max_queue
+        self.cache_prompt = cache_prompt
+        self._owns_model = model is None
+        if model is None:
+            path = config.model_path or str(default_model.path())
+            model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+        self.model = model
+        try:
+            # Created on the caller's thread (the main thread installs the Ctrl-C bridge); from here
+            # on only the engine thread uses it.
+            self.context = Context(
+                model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                n_threads=config.n_threads, n_threads_batch=config.n_threads_batch, flash_attn=config.flash_attn,
+                type_k=config.kv_cache_type_k, type_v=config.kv_cache_type_v, offload_kqv=config.offload_kqv,
+                n_seq_max=config.n_parallel, kv_unified=config.kv_unified,
+            )
+        except BaseException:
+            if self._owns_model:
+                model.close()
+            raise
+        _install_sigint_bridge()
+        ctx = self.context
+        self.n_parallel = ctx.n_seq_max
+        self.kv_unified = config.kv_unified or self.n_parallel == 1
+        self.n_ctx = ctx.n_ctx
+        self.n_ctx_seq = ctx.n_ctx_seq
+        self.n_batch = ctx.n_batch
+        self.n_ubatch = ctx.n_ubatch
+        self._n_swa = max(1, model.n_swa)
+        self._mem = ctx._memory
+        self._ctx_ptr = ctx.ptr
+        self._vocab = model.vocab_ptr
+        bos = model.bos
+        self._bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 and model.add_bos else ""
+        self._abort_flag = ctx._abort_flag
+        self._abort_flag[0] = 0
+        self._batch = ctx._batch._struct
+        self._sub = ffi.new("llama_batch *")
+        self._piece_buf = ffi.new("char[]", 256)
+        self._slots = [_Slot(i) for i in range(self.n_parallel)]
+        self._active: list[Request] = []         # admitted, in admission order (engine thread)
+        self._step_no = 0
+        # Shared with callers, under self._cond:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._calls: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
+        self._unfinished = 0
+        self._dirty = False
+        self._closing = False
+        self._closed = False
+        self._counters = {"requests_total": 0, "tokens_generated_total": 0, "prompt_tokens_total": 0,
+                          "prompt_tokens_cached_total": 0, "steps_total": 0, "swa_cache_misses_total": 0,
+                          "interrupted_total": 0}
+        self._snapshot = {"kv_cells_used": 0, "kv_cells_reserved": 0, "kv_cells_cached": 0}
+        self._thread = threading.Thread(target=self._loop, name="pyllm-batched", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Cancel queued and running requests, stop the engine thread, free native memory. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = self._closing = True
+            self._cond.notify_all()
+        lib.pyllm_abort_set(self._abort_flag, 1)   # a decode in progress stops at its next graph node
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        atexit.unregister(self.close)
+        self.context.close()
+        if self._owns_model:
+            self.model.close()
+
+    def __enter__(self) -> "BatchedEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- tokens ----
+    def tokenize(self, text: str, *, parse_special: bool = False) -> list[int]:
+        """Text to ids as submit() does: BOS added as the model asks, never twice."""
+        if not isinstance(text, str):
+            raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str")
+        add = True
+        if parse_special and self._bos_text and text.startswith(self._bos_text):
+            add = False  # a rendered chat template already starts with the BOS token's text
+        return self.model.tokenize(text, add_special=add, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.model.detokenize(ids)
+
+    def kv_cache_bytes(self) -> KVCacheBytes:
+        return self.context.kv_cache_bytes()
+
+    # ---- submission ----
+    def submit(
+        self,
+        prompt: Union[str, Sequence[int]],
+        *,
+        max_tokens: Optional[int] = 128,
+        sampling: SamplingParams = GREEDY,
+        stop: Union[str, Sequence[str]] = (),
+        ignore_eos: bool = False,
+        parse_special: bool = False,
+    ) -> Request:
+        """Queue a generation; thread-safe. Returns at once with a Request.
+
+        ``prompt``: text (tokenized with BOS; ``parse_special=True`` for chat-rendered text) or token
+        ids. ``max_tokens=None`` generates until end-of-generation or the sequence's limit (it then
+        reserves ``n_ctx_seq`` cells). Raises ConfigError (bad arguments), ContextFullError (can never
+        fit one sequence), QueueFullError (``n_parallel + max_queue`` requests unfinished), ClosedError.
+        """
+        if self._closed:
+            raise ClosedError("this BatchedEngine is closed")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ConfigError(f"max_tokens={max_tokens!r} is out of range; expected an integer >= 0 or None")
+        if not isinstance(sampling, SamplingParams):
+            raise ConfigError(f"sampling={sampling!r} is not a SamplingParams")
+        if isinstance(stop, str):
+            stop = (stop,)
+        try:
+            stops = [s for s in stop if s != ""]
+        except TypeError:
+            raise ConfigError(f"stop={stop!r}: expected a str or a sequence of str") from None
+        if any(not isinstance(s, str) for s in stops):
+            raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
+        for name, value in (("ignore_eos", ignore_eos), ("parse_special", parse_special)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
+        tokens = self._prompt_tokens(prompt, parse_special)
+        n, limit = len(tokens), self.n_ctx_seq
+        if n >= limit or (max_tokens is not None and n + max_tokens > limit):
+            want = n + (max_tokens or 0)
+            where = f"n_ctx={limit}" if self.kv_unified else f"n_ctx={limit} per sequence (n_ctx {self.n_ctx} / n_parallel {self.n_parallel})"
+            raise ContextFullError(
+                f"prompt of {n} tokens + max_tokens={max_tokens} = {want} does not fit in "
+                f"{where}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
+            )
+        if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
+            sampling = SamplingParams(**{**sampling.__dict__, "seed": self.config.seed})
+        reserve = n + max_tokens if max_tokens is not None else limit
+        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, reserve)
+        req._wake = self._wake
+        with self._cond:
+            if self._closing:
+                raise ClosedError("this BatchedEngine is closed")
+            if self._unfinished >= self.n_parallel + self.max_queue:
+                raise QueueFullError(
+                    f"the request queue is full ({self._unfinished} requests unfinished = n_parallel "
+                    f"{self.n_parallel} + max_queue {self.max_queue}); retry later"
+                )
+            self._unfinished += 1
+            self._counters["requests_total"] += 1
+            self._queue.append(req)
+            self._dirty = True
+            self._cond.notify_all()
+        return req
+
+    async def astream(self, prompt: Union[str, Sequence[int]], **kwargs) -> AsyncIterator[str]:
+        """``async for piece in engine.astream(prompt, ...)``: submit() and iterate; leaving early cancels."""
+        req = self.submit(prompt, **kwargs)
+        async for piece in req:
+            yield piece
+
+    def generate(self, prompt: Union[str, Sequence[int]], **kwargs) -> GenerationResult:
+        """submit() and wait for the result."""
+        return self.submit(prompt, **kwargs).wait()
+
+    def _prompt_tokens(self, prompt: Union[str, Sequence[int]], parse_special: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ConfigError("prompt is empty; expected at least one character")
+            return self.tokenize(prompt, parse_special=parse_special)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            tokens = [int(t) if isinstance(t, np.integer) else t for t in prompt]
+            if not tokens:
+                raise ConfigError("prompt is an empty token list; expected at least one token")
+            self.model.check_tokens(tokens)
+            return tokens
+        raise ConfigError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+
+    # ---- reporting ----
+    def stats(self) -> dict:
+        """Counters and KV occupancy. ``kv_cells_used`` comes from llama.cpp's memory API (per sequence
+        ``llama_memory_seq_pos_max + 1``), read by the engine thread after every step and state change."""
+        with self._cond:
+            out = {
+                "n_parallel": self.n_parallel, "n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq,
+                "kv_unified": self.kv_unified, "active": self._unfinished - len(self._queue),
+                "queued": len(self._queue), "max_queue": self.max_queue,
+            }
+            out.update(self._snapshot)
+            out.update(self._counters)
+        return out
+
+    def seq_positions(self) -> list[tuple[int, int]]:
+        """(pos_min, pos_max) of every sequence as llama.cpp's memory reports them ((-1, -1): empty),
+        read on the engine thread between two steps."""
+        return self._call(self._seq_positions)
+
+    def drop_cache(self) -> int:
+        """Free the cells of every idle prefix cache; returns how many cells were freed."""
+        return self._call(self._evict_idle)
+
+    # ---- calls into the engine thread ----
+    def _wake(self) -> None:
+        with self._cond:
+            self._dirty = True
+            self._cond.notify_all()
+
+    def _call(self, fn: Callable[[], object], timeout: Optional[float] = 60.0):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:
+                raise ClosedError("this BatchedEngine is closed")
+            self._calls.append((fn, fut))
+            self._dirty = True
+            self._cond.notify_all()
+        return fut.result(timeout)
+
+    # ---- the engine thread ----
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._dirty and not self._active:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    self._dirty = False
+                    calls, self._calls = self._calls, []
+                for fn, fut in calls:
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # handed to the caller
+                        fut.set_exception(exc)
+                try:
+                    self._step()
+                except Exception as exc:  # a bug here must not leave callers waiting forever
+                    logger.exception("batched engine step failed; failing the running requests")
+                    self._fail_all(exc)
+        finally:
+            with self._cond:
+                self._closing = True
+                queued, self._queue = list(self._queue), collections.deque()
+                calls, self._calls = self._calls, []
+            for fn, fut in calls:
+                fut.set_exception(ClosedError("this BatchedEngine is closed"))
+            for req in list(self._active):
+                self._finish(req, "cancelled", free=True)
+            for req in queued:
+                self._finish_unadmitted(req, "cancelled")
+
+    def _step(self) -> None:
+        if lib.pyllm_sigint_pending():
+            self._interrupt()
+        for req in [r for r in self._active if r._cancelled]:
+            self._finish(req, "cancelled", free=True)
+        self._admit()
+        if not self._active:
+            self._refresh_snapshot()
+            return
+        self._decode_step()
+        self._refresh_snapshot()
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                while self._queue and self._queue[0]._cancelled:
+                    self._finish_unadmitted(self._queue.popleft(), "cancelled")
+                # a cancelled request further back is dropped too (it must not wait for a slot)
+                for req in [r for r in self._queue if r._cancelled]:
+                    self._queue.remove(req)
+                    self._finish_unadmitted(req, "cancelled")
+                if not self._queue:
+                    return
+                req = self._queue[0]
+            if not self._try_admit(req):
+                return  # first come, first served: later requests wait behind the head
+            with self._cond:
+                self._queue.popleft()
+
+    def _try_admit(self, req: Request) -> bool:
+        free = [s for s in self._slots if s.req is None]
+        if not free:
+            return False
+        head = req._arr[:-1]  # the last prompt token is always decoded: its logits give the first token
+        slot = max(free, key=lambda s: (_common_prefix(s.cached, head), not s.cached, -s.last_used))
+        keep = _common_prefix(slot.cached, head)
+        if self.kv_unified:
+            held = sum(r._reserve for r in self._active)
+            idle = sorted((s for s in free if s is not slot and s.cached), key=lambda s: s.last_used)
+            cached = sum(len(s.cached) for s in idle)
+            if held + cached + req._reserve > self.n_ctx:
+                if held + req._reserve > self.n_ctx:
+                    return False  # wait for running sequences to finish; evict nothing yet
+                for s in idle:  # least recently used first
+                    if held + cached + req._reserve <= self.n_ctx:
+                        break
+                    cached -= len(s.cached)
+                    self._clear_slot(s)
+        keep = self._trim_slot(slot, keep)
+        req._slot, slot.req = slot, req
+        req.seq_id = slot.seq
+        req._pos = keep
+        req._n_cached = keep
+        req._t_admit = time.perf_counter_ns()
+        req._text = TextStream(req.stops)
+        if not req.sampling.is_plain_greedy:
+            req._sampler = Sampler(req.sampling, self.model.n_vocab)
+        self._active.append(req)
+        with self._cond:
+            self._counters["prompt_tokens_total"] += req.n_prompt
+            self._counters["prompt_tokens_cached_total"] += keep
+        return True
+
+    def _trim_slot(self, slot: _Slot, keep: int) -> int:
+        """Keep the first ``keep`` cached tokens of a slot; returns how many stay usable."""
+        seq = slot.seq
+        if keep < len(slot.cached):
+            if not lib.llama_memory_seq_rm(self._mem, seq, keep, -1):
+                keep = 0
+        if keep > 0:
+            # A sliding-window cache may no longer hold the window that position `keep` attends to
+            # (its cells were reused): then recompute from scratch, as llama-server does.
+            pos_min = int(lib.llama_memory_seq_pos_min(self._mem, seq))
+            if pos_min < 0 or pos_min > max(0, keep - self._n_swa):
+                keep = 0
+                with self._cond:
+                    self._counters["swa_cache_misses_total"] += 1
+        if keep == 0:
+            lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        del slot.cached[keep:]
+        return keep
+
+    def _clear_slot(self, slot: _Slot) -> int:
+        n = len(slot.cached)
+        lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        slot.cached = []
+        return n
+
+    def _evict_idle(self) -> int:
+        return sum(self._clear_slot(s) for s in self._slots if s.req is None and s.cached)
+
+    def _decode_step(self) -> None:
+        b, sub = self._batch, self._sub
+        rows: list[tuple[Request, int]] = []
+        prefill: list[tuple[Request, int]] = []
+        i = 0
+        gen = [r for r in self._active if r._pending >= 0]
+        for r in gen:
+            b.token[i] = r._pending
+            b.pos[i] = r._pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = r._slot.seq
+            b.logits[i] = 1
+            rows.append((r, i))
+            i += 1
+        budget = self.n_batch - i
+        if gen:
+            budget = min(budget, self.n_ubatch)
+        for r in self._active:
+            if r._pending >= 0 or budget <= 0:
+                continue
+            n = min(budget, r.n_prompt - r._pos)
+            last = r._pos + n == r.n_prompt
+            sub.token, sub.pos, sub.n_seq_id = b.token + i, b.pos + i, b.n_seq_id + i
+            sub.seq_id, sub.logits = b.seq_id + i, b.logits + i
+            chunk = r._arr[r._pos : r._pos + n]
+            lib.pyllm_batch_fill(sub, ffi.from_buffer("llama_token[]", chunk), n, r._pos, r._slot.seq, last, -1)
+            prefill.append((r, n))
+            if last:
+                rows.append((r, i + n - 1))
+            i += n
+            budget -= n
+        b.n_tokens = i
+        rc = lib.llama_decode(self._ctx_ptr, b[0])
+        if rc != 0:
+            self._decode_failed(rc, gen, prefill)
+            return
+        with self._cond:
+            self._counters["steps_total"] += 1
+        for r in gen:
+            r._slot.cached.append(r._pending)
+            r._pos += 1
+        for r, n in prefill:
+            r._slot.cached.extend(r.prompt_tokens[r._pos : r._pos + n])
+            r._pos += n
+        for r, idx in rows:
+            try:
+                if r._sampler is None:
+                    token = int(lib.pyllm_argmax_logits(self._ctx_ptr, idx, self.model.n_vocab))
+                else:
+                    token = int(lib.llama_sampler_sample(r._sampler.ptr, self._ctx_ptr, idx))
+                self._on_token(r, token)
+            except Exception as exc:
+                self._finish(r, "error", free=True, error=exc)
+
+    def _decode_failed(self, rc: int, gen: list[Request], prefill: list[tuple[Request, int]]) -> None:
+        # Ubatches that ran before a failure stay in memory: roll every sequence of the batch back.
+        for r in gen + [r for r, _ in prefill]:
+            lib.llama_memory_seq_rm(self._mem, r._slot.seq, r._pos, -1)
+        if rc == 2:
+            if self._closing:
+                return  # close(): the loop ends and cancels everything
+            self._interrupt()
+            return
+        try:
+            check_decode(rc, f"batch of {self._batch.n_tokens} tokens over {len(self._active)} sequences")
+        except NoKVSlotError as exc:
+            # Fragmented or sliding-window cells: let the youngest sequence go, the rest continue.
+            victim = self._active[-1]
+            self._finish(victim, "error", free=True, error=exc)
+            self._evict_idle()
+        except DecodeError as exc:
+            self._fail_all(exc)
+
+    def _interrupt(self) -> None:
+        """Ctrl-C (or an abort): the running requests end as 'aborted'; the engine stays usable."""
+        lib.pyllm_sigint_clear()
+        if self._active:
+            with self._cond:
+                self._counters["interrupted_total"] += 1
+        for r in list(self._active):
+            self._finish(r, "aborted", free=True)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for r in list(self._active):
+            self._finish(r, "error", free=True, error=exc)
+        lib.llama_memory_clear(self._mem, True)
+        for s in self._slots:
+            s.cached = []
+
+    def _piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            self._piece_buf = buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return ffi.unpack(buf, n)
+
+    def _on_token(self, r: Request, token: int) -> None:
+        if not r._t_first:
+            r._t_first = time.perf_counter_ns()
+        if r._cancelled:
+            self._finish(r, "cancelled", free=True)
+            return
+        if lib.llama_vocab_is_eog(self._vocab, token) and not r.ignore_eos:
+            self._finish(r, "eog")
+            return
+        r.token_ids.append(token)
+        with self._cond:
+            self._counters["tokens_generated_total"] += 1
+        piece = r._text.feed(self._piece(token))
+        if piece:
+            r._publish(piece)
+        if r._text.stopped:
+            self._finish(r, "stop")
+        elif r.max_tokens is not None and len(r.token_ids) >= r.max_tokens:
+            self._finish(r, "max_tokens")
+        elif r._pos >= r._reserve:
+            self._finish(r, "context_full")
+        else:
+            r._pending = token
+
+    def _finish(self, r: Request, reason: str, *, free: bool = False, error: Optional[BaseException] = None) -> None:
+        slot = r._slot
+        if slot is not None:
+            if free or not self.cache_prompt:
+                self._clear_slot(slot)
+            slot.req = None
+            self._step_no += 1
+            slot.last_used = self._step_no
+            r._slot = None
+        if r in self._active:
+            self._active.remove(r)
+        if r._sampler is not None:
+            r._sampler.close()
+            r._sampler = None
+        rest = r._text.finish() if r._text is not None and reason not in ("error",) else ""
+        if rest:
+            r._publish(rest)
+        now = time.perf_counter_ns()
+        t_first = r._t_first or now
+        result = GenerationResult(
+            text="".join(r._pieces), tokens=list(r.token_ids), n_prompt=r.n_prompt, stop_reason=StopReason(reason),
+            prompt_ns=(t_first - r._t_admit) if r._t_admit else 0, gen_ns=now - t_first if r._t_first else 0,
+            n_prompt_decoded=max(0, min(r._pos, r.n_prompt) - r._n_cached), n_prompt_cached=r._n_cached,
+            error=error,
+        )
+        self._refresh_snapshot()
+        with self._cond:
+            self._unfinished -= 1
+            self._dirty = True  # a slot and cells are free: the queue's head may fit now
+        r._publish(result=result)
+
+    def _finish_unadmitted(self, r: Request, reason: str) -> None:
+        with self._cond:
+            self._unfinished -= 1
+        r._publish(result=GenerationResult(text="", tokens=[], n_prompt=r.n_prompt, stop_reason=StopReason(reason)))
+
+    def _seq_positions(self) -> list[tuple[int, int]]:
+        mem = self._mem
+        return [(int(lib.llama_memory_seq_pos_min(mem, s)), int(lib.llama_memory_seq_pos_max(mem, s)))
+                for s in range(self.n_parallel)]
+
+    def _refresh_snapshot(self) -> None:
+        used = sum(hi + 1 for _, hi in self._seq_positions() if hi >= 0)
+        snap = {
+            "kv_cells_used": used,
+            "kv_cells_reserved": sum(r._reserve for r in self._active),
+            "kv_cells_cached": sum(len(s.cached) for s in self._slots if s.req is None),
+        }
+        with self._cond:
+            self._snapshot = snap
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<pyllm.BatchedEngine closed>"
+        return f"<pyllm.BatchedEngine n_parallel={self.n_parallel} n_ctx={self.n_ctx} unified={self.kv_unified}>"
