@@ -194,6 +194,45 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from pyllm.server.run import ServeSettings, serve
+    except ImportError as exc:
+        raise PyllmError(f"pyllm serve needs the server extra ({exc.name} is missing): "
+                         "pip install 'pyllm[server]'") from None
+
+    over = {"n_parallel": args.parallel} if args.parallel is not None else {}
+    config = _config_from_args(args)
+    if args.chat_template is not None:
+        over["chat_template"] = args.chat_template
+    if over:
+        config = config.replace(**over)
+    settings = ServeSettings.from_env(host=args.host, port=args.port, api_key=args.api_key,
+                                      model_name=args.alias[0] if args.alias else None,
+                                      aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
+                                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                                      log_level="debug" if args.verbose >= 2 else "info")
+    return serve(config, settings)
+
+
+def _add_serve_parser(sub) -> None:
+    # --env-file comes with the shared argument builder (config work on main); it loads before these are read.
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')")
+    _add_model_args(p)
+    p.add_argument("-np", "--parallel", type=int, help="sequences decoded at once (env LLAMA_PARALLEL)")
+    p.add_argument("--chat-template", help="chat template name or text (env MODEL_CHAT_TEMPLATE; default: the model's)")
+    p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="TCP port (env PORT; default 8080)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env PYLLM_API_KEY, preferred: "
+                                     "flags are visible to other users in ps)")
+    p.add_argument("-a", "--alias", action="append", help="model id to serve as (repeatable; default: the file name)")
+    p.add_argument("--grace", type=float, help="seconds running requests may finish after SIGTERM "
+                                               "(env PYLLM_SHUTDOWN_GRACE; default 30)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (env PYLLM_MAX_BODY_BYTES; default 8 MiB)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyllm.version import VERSION
 
@@ -266,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_kv_eval)
+
+    _add_serve_parser(sub)
     return parser
 
 
