@@ -32,7 +32,7 @@ def _config_from_args(args: argparse.Namespace):
     over = {}
     for attr, field_name in (("model", "model_path"), ("ctx_size", "n_ctx"), ("batch_size", "n_batch"),
                              ("ubatch_size", "n_ubatch"), ("threads", "n_threads"), ("gpu_layers", "n_gpu_layers"),
-                             ("flash_attn", "flash_attn")):
+                             ("flash_attn", "flash_attn"), ("chat_template", "chat_template")):
         value = getattr(args, attr, None)
         if value is not None:
             over[field_name] = value
@@ -54,6 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from pyllm import default_model
     from pyllm.buildinfo import build_info
 
+    if getattr(args, "chat_templates", False):
+        return _print_chat_templates(args.json)
     info = build_info()
     info["default_model"] = default_model.info()
     if args.json:
@@ -71,6 +73,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     where = dm["path"] if dm["installed"] else f"not installed ({dm['package']})"
     print(f"default model: {dm['name']} at {where}")
     print(f"system info: {info['system_info']}")
+    return 0
+
+
+def _print_chat_templates(as_json: bool) -> int:
+    from pyllm import chat
+
+    shipped = list(chat.shipped_templates())
+    builtin = chat.builtin_templates()
+    if as_json:
+        print(json.dumps({"glm4": chat.GLM4_FALLBACK, "shipped": shipped, "builtin": builtin,
+                          "templates_dir": str(chat.templates_dir() or "")}, indent=2))
+        return 0
+    print("Chat templates (MODEL_CHAT_TEMPLATE / --chat-template; default: the GGUF's tokenizer.chat_template)")
+    print(f"  glm4: the model's own GLM template, else {chat.GLM4_FALLBACK}")
+    print(f"shipped Jinja templates ({chat.templates_dir() or 'not installed'}):")
+    for name in shipped:
+        print(f"  {name}")
+    print("llama.cpp built-in formats (its pattern matcher, no Jinja):")
+    print("  " + " ".join(builtin))
+    print("Also accepted: a path to a .jinja file, or the template text itself.")
     return 0
 
 
@@ -106,6 +128,110 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+
+def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, styled: bool) -> dict:
+    """Stream one reply to ``out``; return it as an assistant message (partial when interrupted)."""
+    enable_thinking = False if args.no_think else None
+    max_tokens = None if args.n_predict < 0 else args.n_predict
+    kind_now = None
+    parts = {"reasoning": [], "content": []}
+    try:
+        for kind, text in engine.stream_chat(history, max_tokens=max_tokens, sampling=sampling,
+                                             enable_thinking=enable_thinking):
+            parts[kind].append(text)
+            if kind == "reasoning" and args.hide_reasoning:
+                continue
+            if kind != kind_now:
+                if kind == "reasoning":
+                    out.write(_DIM if styled else "[reasoning] ")
+                elif kind_now == "reasoning":
+                    out.write(_RESET + "\n" if styled else "\n[answer] ")
+                kind_now = kind
+            out.write(text)
+            out.flush()
+    finally:
+        if styled and kind_now == "reasoning":
+            out.write(_RESET)
+        out.write("\n")
+        out.flush()
+    msg = {"role": "assistant", "content": "".join(parts["content"]).strip()}
+    if parts["reasoning"]:
+        msg["reasoning_content"] = "".join(parts["reasoning"]).strip()
+    return msg
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn chat on a terminal (/reset, /exit; Ctrl-C stops a reply); one turn from piped stdin."""
+    from pyllm.engine import Engine
+    from pyllm.errors import ConfigError
+    from pyllm.sampling import SamplingParams
+
+    config = _config_from_args(args)
+    sampling = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty,
+                              seed=args.seed if args.seed is not None else config.seed)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    out = sys.stdout
+    styled = out.isatty()
+    with Engine(config) as engine:
+        if not sys.stdin.isatty():
+            text = sys.stdin.read().strip()
+            if not text:
+                raise ConfigError("pyllm chat read no text from stdin; expected the user's message")
+            _chat_turn(engine, system + [{"role": "user", "content": text}], args, sampling, out, styled)
+            return 0
+        history = list(system)
+        print("pyllm chat: /reset starts over, /exit quits, Ctrl-C stops a reply", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                continue
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/reset":
+                history = list(system)
+                print("(conversation reset)", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                history.append(_chat_turn(engine, history, args, sampling, out, styled))
+            except KeyboardInterrupt:
+                partial = engine.last_result.text if engine.last_result is not None else ""
+                history.append({"role": "assistant", "content": partial})
+                print("(reply stopped)", file=sys.stderr)
+            except PyllmError as exc:
+                history.pop()  # the turn the template could not take
+                print(f"pyllm: error: {exc}", file=sys.stderr)
+
+
+def _add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat with the model's own chat template (one turn from piped stdin)")
+    _add_model_args(p)
+    p.add_argument("--chat-template", help="template name, .jinja path or text (env MODEL_CHAT_TEMPLATE; "
+                                           "default: the model's own; `pyllm info --chat-templates`)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--no-think", action="store_true", help="turn the model's thinking off (enable_thinking=false)")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning block")
+    p.add_argument("-n", "--n-predict", type=int, default=1024, help="max tokens per reply (-1 = until end)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (env LLAMA_SEED; default random)")
+    p.set_defaults(func=cmd_chat)
 
 
 def _progress_bar(total: int, unit: str, enabled: bool):
@@ -243,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build identity: version, llama.cpp pin, backends, KV types")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--chat-templates", action="store_true", help="list the chat template names")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="stream a completion to stdout")
@@ -257,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (env LLAMA_SEED; default random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="format the prompt with the chat template")
+    p.add_argument("--chat-template", help="template for --chat: name, .jinja path or text (env MODEL_CHAT_TEMPLATE)")
     p.set_defaults(func=cmd_generate)
+    _add_chat_parser(sub)
 
     p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)")
     p.add_argument("-m", "--model", help="GGUF model file (default: MODEL_PATH, else the default model)")

@@ -63,7 +63,7 @@ class EngineConfig:
                 raise ConfigError(f"model_path={self.model_path!r} is not a path; expected a GGUF file path or None")
             self.model_path = os.fspath(self.model_path)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name or text")
+            raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name, a .jinja path or template text")
         _check_int("n_ctx", self.n_ctx, minimum=0, maximum=2**31 - 1, what=" (0 = the model's training context)")
         if self.n_batch is None:
             self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if self.n_ctx else DEFAULT_N_BATCH
@@ -195,7 +195,8 @@ class EngineConfig:
 
 ENV_VARS: dict[str, str] = {
     "MODEL_PATH": "GGUF model file (default: the Gemma 3 270M Q4_K_M default model)",
-    "MODEL_CHAT_TEMPLATE": "chat template name or text for --chat (default: the model's own)",
+    "MODEL_CHAT_TEMPLATE": "chat template for chat/--chat: a name (glm4, a shipped template, a llama.cpp built-in), "
+                           "a .jinja path or template text (default: the GGUF's tokenizer.chat_template)",
     "MAX_CONTEXT_LENGTH": "n_ctx, the context length in tokens (default 4096; 0 = model's training context)",
     "LLAMA_BATCH_SIZE": "n_batch, max tokens per llama_decode call (default 2048)",
     "LLAMA_UBATCH_SIZE": "n_ubatch, physical batch (default 512)",

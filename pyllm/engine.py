@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence, Union
 
+from pyllm import chat as chat_mod
 from pyllm import default_model
+from pyllm.chat import ChatResult
 from pyllm.config import EngineConfig
 from pyllm.context import Context, KVCacheBytes
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
@@ -117,6 +119,18 @@ class Engine:
     def format_chat(self, prompt: str) -> str:
         return self.model.apply_chat_template([{"role": "user", "content": prompt}], template=self.config.chat_template)
 
+    def tokenize_chat_text(self, text: str) -> list[int]:
+        """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when
+        the template already wrote the BOS token's text at the start."""
+        model = self.model
+        bos = model.bos
+        bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        add_special = not (bos_text and text.startswith(bos_text))
+        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        if not tokens:
+            raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
+        return tokens
+
     def tokenize_prompt(self, prompt: Union[str, Sequence[int]], *, chat: bool = False) -> list[int]:
         if isinstance(prompt, (list, tuple)) and not chat:
             if not prompt:
@@ -126,7 +140,7 @@ class Engine:
         if not isinstance(prompt, str):
             raise ConfigError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if chat:
-            return self.model.tokenize(self.format_chat(prompt), add_special=True, parse_special=True)
+            return self.tokenize_chat_text(self.format_chat(prompt))
         if prompt == "":
             raise ConfigError("prompt is empty; expected at least one character")
         return self.model.tokenize(prompt, add_special=True, parse_special=False)
@@ -249,6 +263,70 @@ class Engine:
         result.gen_ns = time.perf_counter_ns() - t1
         result.text = "".join(pieces)
         return result
+
+    # ---- chat ----
+    def render_chat(self, messages: Sequence[dict], *, template: Optional[str] = None,
+                    enable_thinking: Optional[bool] = None, tools: Optional[list] = None,
+                    **template_kwargs) -> tuple[str, "chat_mod.ChatTemplate"]:
+        """The prompt text for ``messages`` and the template that rendered it (``template``: as for
+        Model.apply_chat_template; default the config's chat_template, else the model's own)."""
+        tmpl = chat_mod.resolve_template(template if template is not None else self.config.chat_template, self.model)
+        # llama-server always passes enable_thinking (true unless turned off); llama.cpp's own fixed
+        # templates (llama-cpp-deepseek-r1, DeepSeek-R1-Distill) close the think block when it is missing.
+        template_kwargs["enable_thinking"] = True if enable_thinking is None else bool(enable_thinking)
+        prompt = tmpl.render(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        return prompt, tmpl
+
+    def stream_chat(
+        self,
+        messages: Sequence[dict],
+        *,
+        max_tokens: Optional[int] = 512,
+        sampling: SamplingParams = GREEDY,
+        stop: Sequence[str] = (),
+        enable_thinking: Optional[bool] = None,
+        tools: Optional[list] = None,
+        template: Optional[str] = None,
+        **template_kwargs,
+    ) -> Generator[tuple[str, str], None, ChatResult]:
+        """Yield the reply as ``(kind, text)`` pieces, kind ``"reasoning"`` or ``"content"``; return the ChatResult.
+
+        ``messages``: OpenAI-style dicts (``role``, ``content``; an assistant turn may carry
+        ``reasoning_content``). ``enable_thinking=False`` asks the template to turn thinking off;
+        other keyword arguments (``reasoning_effort`` ...) are passed to the template.
+        """
+        prompt, tmpl = self.render_chat(messages, template=template, enable_thinking=enable_thinking, tools=tools,
+                                        **template_kwargs)
+        tokens = self.tokenize_chat_text(prompt)
+        parser = chat_mod.reasoning_parser_for(prompt, tmpl)
+        pieces: list[tuple[str, str]] = []
+        gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        try:
+            while True:
+                try:
+                    piece = next(gen)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                for kp in (parser.feed(piece) if parser is not None else [(chat_mod.CONTENT, piece)]):
+                    pieces.append(kp)
+                    yield kp
+        finally:
+            gen.close()  # closed early (consumer stopped, Ctrl-C): the decode loop records why and cleans up
+        for kp in (parser.finish() if parser is not None else []):
+            pieces.append(kp)
+            yield kp
+        reasoning, content = chat_mod.join_pieces(pieces)
+        return ChatResult(text=result.text, content=content, reasoning_content=reasoning, result=result, prompt=prompt)
+
+    def chat(self, messages: Sequence[dict], **kwargs) -> ChatResult:
+        """The whole reply to ``messages``; keyword arguments as for stream_chat()."""
+        gen = self.stream_chat(messages, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
 
     def generate(self, prompt: Union[str, Sequence[int]], **kwargs) -> GenerationResult:
         """Generate a completion; keyword arguments as for stream()."""

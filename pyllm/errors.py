@@ -39,7 +39,8 @@ class TokenizeError(PyllmError, ValueError):
 
 
 class ChatTemplateError(PyllmError, ValueError):
-    """A chat template is missing or not one llama.cpp's built-in matcher knows."""
+    """A chat template is missing, unknown, fails to render (syntax error, raise_exception, sandbox,
+    time or size limit), or the messages given to it are malformed; the message names the template's source."""
 
 
 class ContextFullError(PyllmError, ValueError):

@@ -7,10 +7,11 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
+from pyllm import chat
 from pyllm import log as native_log
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
-from pyllm.errors import ChatTemplateError, ModelLoadError, TokenizeError, VocabOnlyError
+from pyllm.errors import ModelLoadError, TokenizeError, VocabOnlyError
 
 if TYPE_CHECKING:
     from pyllm.context import Context
@@ -308,36 +309,23 @@ class Model(NativeHandle):
             size = -n
 
     def apply_chat_template(
-        self, messages: Sequence[dict], *, template: Optional[str] = None, add_assistant: bool = True
+        self,
+        messages: Sequence[dict],
+        *,
+        template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        tools: Optional[list] = None,
+        **template_kwargs,
     ) -> str:
-        """Format chat messages with llama.cpp's built-in template matcher (the model's template by default)."""
-        tmpl = template if template is not None else self.chat_template()
-        if not tmpl:
-            raise ChatTemplateError(f"model {self.path.name} has no chat template; pass a template (MODEL_CHAT_TEMPLATE)")
-        keep = []
-        msgs = ffi.new("llama_chat_message[]", len(messages))
-        for i, m in enumerate(messages):
-            try:
-                role, content = m["role"], m["content"]
-            except (KeyError, TypeError):
-                raise ChatTemplateError(f"message {i} is {m!r}; expected a dict with 'role' and 'content'") from None
-            r, c = ffi.new("char[]", str(role).encode()), ffi.new("char[]", str(content).encode())
-            keep += (r, c)
-            msgs[i].role, msgs[i].content = r, c
-        tmpl_c = tmpl.encode()
-        total = sum(len(str(m["content"])) + len(str(m["role"])) for m in messages)
-        size = max(256, 2 * total + 256)
-        while True:
-            buf = ffi.new("char[]", size)
-            n = lib.llama_chat_apply_template(tmpl_c, msgs, len(messages), add_assistant, buf, size)
-            if n < 0:
-                raise ChatTemplateError(
-                    "llama.cpp's built-in templates do not recognise this chat template; "
-                    f"use one of: {', '.join(builtin_chat_templates())}"
-                )
-            if n <= size:
-                return ffi.unpack(buf, n).decode("utf-8", "replace")
-            size = n + 1
+        """The prompt text for chat ``messages``, as Hugging Face's ``apply_chat_template`` renders it.
+
+        ``template``: None for the GGUF's own ``tokenizer.chat_template``; a name (``glm4``, a template
+        shipped with llama.cpp such as ``Qwen3.5-4B``, or a llama.cpp built-in name such as ``chatml``,
+        which llama.cpp's matcher renders); a path to a ``.jinja`` file; or template text.
+        ``template_kwargs`` (``enable_thinking=False``, ``reasoning_effort=...``) reach the template.
+        """
+        tmpl = chat.resolve_template(template, self)
+        return tmpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.desc!r}"
@@ -345,7 +333,5 @@ class Model(NativeHandle):
 
 
 def builtin_chat_templates() -> list[str]:
-    n = int(lib.llama_chat_builtin_templates(ffi.NULL, 0))
-    arr = ffi.new("const char *[]", n)
-    lib.llama_chat_builtin_templates(arr, n)
-    return [ffi.string(arr[i]).decode() for i in range(n)]
+    """llama.cpp's built-in template names (its pattern matcher, not Jinja)."""
+    return chat.builtin_templates()

@@ -1,0 +1,597 @@
+"""Chat templates that are right for the model: the GGUF's own Jinja template, rendered as Hugging Face's
+``apply_chat_template`` renders it, plus the split of a reply into reasoning and content.
+
+Where a template comes from (:func:`resolve_template`):
+
+- ``None``: the GGUF's ``tokenizer.chat_template``;
+- a name: ``glm4`` (the model's own GLM template, else the shipped GLM-4.7-Flash one), the stem of a
+  template shipped with llama.cpp's ``models/templates`` (``Qwen3.5-4B``, ``openai-gpt-oss-120b`` ...),
+  or one of llama.cpp's built-in names (``chatml``, ``gemma``, ``llama3`` ...), which llama.cpp's own
+  pattern matcher (``llama_chat_apply_template``) renders;
+- a path to a ``.jinja`` file, or the template text itself.
+
+Templates run in ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with a time and an output-size limit,
+so a template can neither touch Python internals nor hang or exhaust memory; every failure is a
+:class:`~pyllm.errors.ChatTemplateError` naming the template's source and Jinja's message.
+
+This module sits just above ``_ffi`` and ``errors``: it reads a model only through its public methods
+(``chat_template()``, ``bos``, ``eos``, ``token_to_piece``, ``path``), so ``model`` can use it.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from pyllm._ffi import ffi, lib
+from pyllm.errors import ChatTemplateError
+
+logger = logging.getLogger("pyllm")
+
+#: Rendering stops with a ChatTemplateError after this many seconds ...
+RENDER_SECONDS = 10.0
+#: ... or once the prompt text grows past this many characters.
+MAX_OUTPUT_CHARS = 8 * 1024 * 1024
+
+GLM4_NAME = "glm4"
+GLM4_FALLBACK = "GLM-4.7-Flash"
+_PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
+_SOURCE_TEMPLATES = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "models" / "templates"
+
+
+# ---------------------------------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------------------------------
+def templates_dir() -> Optional[Path]:
+    """Where the shipped ``.jinja`` templates are: the installed package's ``pyllm/templates`` first,
+    then ``vendor/llama.cpp/models/templates`` of a source tree; None when neither exists."""
+    for d in (_PACKAGE_TEMPLATES, _SOURCE_TEMPLATES):
+        if d.is_dir() and any(d.glob("*.jinja")):
+            return d
+    return None
+
+
+def shipped_templates() -> dict[str, Path]:
+    """Stem -> path of every shipped template."""
+    d = templates_dir()
+    return {} if d is None else {p.stem: p for p in sorted(d.glob("*.jinja"))}
+
+
+def builtin_templates() -> list[str]:
+    """llama.cpp's built-in names (``llama_chat_builtin_templates``), rendered by its pattern matcher."""
+    n = int(lib.llama_chat_builtin_templates(ffi.NULL, 0))
+    arr = ffi.new("const char *[]", n)
+    lib.llama_chat_builtin_templates(arr, n)
+    return [ffi.string(arr[i]).decode() for i in range(n)]
+
+
+def available_templates() -> list[str]:
+    """Every name :func:`resolve_template` accepts: ``glm4``, the shipped templates, llama.cpp's built-ins."""
+    names = [GLM4_NAME] + list(shipped_templates())
+    seen = set(names)
+    return names + [n for n in builtin_templates() if n not in seen]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Jinja environment (Hugging Face's apply_chat_template semantics)
+# ---------------------------------------------------------------------------------------------------
+class _TemplateRaised(Exception):
+    """raise_exception() in a template."""
+
+
+class _Limit(Exception):
+    """The render ran past its time or size limit."""
+
+
+class _Budget:
+    """Time and size limits of one render; checked by every range step, call and operator."""
+
+    def __init__(self, seconds: float, max_chars: int) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.max_chars = max_chars
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _Limit(f"rendering took longer than {self.seconds:g} s (a template that never ends?)")
+
+    def size(self, n: int) -> None:
+        if n > self.max_chars:
+            raise _Limit(f"rendering produced more than {self.max_chars} characters (a template that never ends?)")
+
+
+_local = threading.local()   # the budget of the render in progress on this thread (see _render)
+
+
+def _budget() -> Optional[_Budget]:
+    return getattr(_local, "budget", None)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Hugging Face's tojson: plain json.dumps (Jinja's own escapes HTML and has no ensure_ascii).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str = "") -> None:
+    raise _TemplateRaised(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """Hugging Face's ``{% generation %}...{% endgeneration %}`` (assistant masks): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    class ChatEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            b = _budget()
+            if b is not None:
+                b.tick()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            b = _budget()
+            if b is not None:
+                b.tick()
+                if operator == "*":
+                    for seq, n in ((left, right), (right, left)):
+                        if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                            b.size(len(seq) * max(n, 0))
+                elif operator == "**" and isinstance(right, int) and right > 4096:
+                    raise _Limit(f"exponent {right} is too large for a chat template")
+                elif operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+                    b.size(len(left) + len(right))
+            return super().call_binop(context, operator, left, right)
+
+    def checked_range(*args):
+        r = range(*args)
+        if len(r) > MAX_RANGE:
+            raise _Limit(f"range of {len(r)} items is longer than the sandbox allows ({MAX_RANGE})")
+        b = _budget()
+        for i in r:
+            if b is not None:
+                b.tick()
+            yield i
+
+    env = ChatEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = checked_range
+    return env
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(text: str, source: str):
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        return _environment().from_string(text)
+    except TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
+    except TemplateError as exc:
+        raise ChatTemplateError(f"chat template {source} does not compile: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# messages
+# ---------------------------------------------------------------------------------------------------
+def validate_messages(messages: Any) -> list[dict]:
+    """Check the OpenAI-style message list; return it as a list of dicts (not copied deeply).
+
+    Each message: a dict with a str ``role`` and ``content`` that is a str, None (an assistant turn
+    with only tool calls) or a list of ``{"type": "text", "text": ...}`` parts. Other keys
+    (``reasoning_content``, ``tool_calls``, ``tool_call_id``, ``name``) are passed to the template.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError(f"messages is a {type(messages).__name__}; expected a list of "
+                                "{'role': str, 'content': str} dicts")
+    if not messages:
+        raise ChatTemplateError("messages is empty; expected at least one {'role': ..., 'content': ...} dict")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatTemplateError(f"message {i} is {m!r} (a {type(m).__name__}); expected a dict with 'role' "
+                                    "and 'content'")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise ChatTemplateError(f"message {i} has role={role!r}; expected a non-empty str such as "
+                                    "'system', 'user', 'assistant' or 'tool'")
+        if "content" not in m and not m.get("tool_calls"):
+            raise ChatTemplateError(f"message {i} ({role}) has no 'content'; expected a str, None or a list of "
+                                    "text parts")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            if not isinstance(content, list):
+                raise ChatTemplateError(f"message {i} ({role}) has content of type {type(content).__name__} "
+                                        f"({content!r:.60}); expected a str, None or a list of "
+                                        "{'type': 'text', 'text': str} parts")
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ChatTemplateError(f"message {i} ({role}) content part {j} is {part!r:.60}; expected "
+                                            "{'type': 'text', 'text': str}")
+        rc = m.get("reasoning_content")
+        if rc is not None and not isinstance(rc, str):
+            raise ChatTemplateError(f"message {i} ({role}) has reasoning_content of type {type(rc).__name__}; "
+                                    "expected a str or None")
+        out.append(m)
+    return out
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content)
+
+
+# ---------------------------------------------------------------------------------------------------
+# templates
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ChatTemplate:
+    """A resolved chat template: Jinja ``text``, or a llama.cpp ``builtin`` name; ``source`` says where
+    it came from (used in every error message). ``bos_token`` / ``eos_token``: the model's, when known."""
+
+    source: str
+    text: Optional[str] = None
+    builtin: Optional[str] = None
+    bos_token: str = ""
+    eos_token: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_jinja(self) -> bool:
+        return self.text is not None
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools: Optional[list] = None,
+               seconds: float = RENDER_SECONDS, max_chars: int = MAX_OUTPUT_CHARS, **template_kwargs: Any) -> str:
+        """The prompt text for ``messages``; ``template_kwargs`` (``enable_thinking``, ``reasoning_effort``,
+        ``bos_token`` ...) are passed to the template as variables, as Hugging Face does."""
+        msgs = validate_messages(messages)
+        if tools is not None and not isinstance(tools, list):
+            raise ChatTemplateError(f"tools is a {type(tools).__name__}; expected a list of tool definitions or None")
+        if self.builtin is not None:
+            return self._render_builtin(msgs, add_generation_prompt, tools, template_kwargs)
+        tmpl = _compile(self.text, self.source)
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **self.extra, **template_kwargs,
+                     "messages": msgs, "tools": tools, "add_generation_prompt": bool(add_generation_prompt)}
+        return _render(tmpl, variables, self.source, seconds, max_chars)
+
+    def _render_builtin(self, msgs: list[dict], add_assistant: bool, tools: Optional[list], kwargs: dict) -> str:
+        if tools:
+            raise ChatTemplateError(f"chat template {self.source} is llama.cpp's built-in {self.builtin!r} format, "
+                                    "which has no tools; use the model's Jinja template or a shipped one")
+        if kwargs:
+            logger.debug("built-in chat template %s ignores %s", self.builtin, ", ".join(sorted(kwargs)))
+        keep = []
+        arr = ffi.new("llama_chat_message[]", len(msgs))
+        total = 0
+        for i, m in enumerate(msgs):
+            r = ffi.new("char[]", m["role"].encode("utf-8", "replace"))
+            c = ffi.new("char[]", _text_of(m.get("content")).encode("utf-8", "replace"))
+            keep += (r, c)
+            arr[i].role, arr[i].content = r, c
+            total += len(r) + len(c)
+        tmpl_c = self.builtin.encode()
+        size = max(256, 2 * total + 256)
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_chat_apply_template(tmpl_c, arr, len(msgs), add_assistant, buf, size)
+            if n < 0:
+                raise ChatTemplateError(f"llama.cpp's built-in chat templates do not recognise {self.builtin!r}")
+            if n <= size:
+                return ffi.unpack(buf, n).decode("utf-8", "replace")
+            size = n + 1
+
+
+def _render(tmpl, variables: dict, source: str, seconds: float, max_chars: int) -> str:
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
+    budget = _Budget(seconds, max_chars)
+    outer, _local.budget = _budget(), budget
+    parts: list[str] = []
+    total = 0
+    try:
+        for chunk in tmpl.generate(**variables):
+            total += len(chunk)
+            budget.size(total)
+            budget.tick()
+            parts.append(chunk)
+    except _TemplateRaised as exc:
+        raise ChatTemplateError(f"chat template {source} raised an error: {exc}") from None
+    except _Limit as exc:
+        raise ChatTemplateError(f"chat template {source} was stopped: {exc}") from None
+    except SecurityError as exc:
+        raise ChatTemplateError(f"chat template {source} did something the sandbox forbids: {exc}") from None
+    except TemplateError as exc:
+        raise ChatTemplateError(f"chat template {source} failed: {exc}") from None
+    except RecursionError:
+        raise ChatTemplateError(f"chat template {source} failed: recursion too deep") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        raise ChatTemplateError(f"chat template {source} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _local.budget = outer
+    return "".join(parts)
+
+
+def _looks_like_template_text(spec: str) -> bool:
+    return "{%" in spec or "{{" in spec or "\n" in spec
+
+
+def _read_template_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChatTemplateError(f"chat template file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ChatTemplateError(f"chat template file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ChatTemplateError(f"cannot read chat template file {path}: {exc.strerror or exc}") from None
+
+
+def _special_text(model: Any, token: int) -> str:
+    if token is None or token < 0:
+        return ""
+    try:
+        return model.token_to_piece(token, special=True).decode("utf-8", "replace")
+    except Exception:  # a vocabulary without that token: the template gets ""
+        return ""
+
+
+# A GGUF without tokenizer.chat_template (the default Gemma 3 270M is one): the format its family documents.
+_ARCH_FALLBACK = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+def _is_glm(text: Optional[str]) -> bool:
+    return bool(text) and "[gMASK]" in text and "<|assistant|>" in text
+
+
+def resolve_template(spec: Optional[str] = None, model: Any = None) -> ChatTemplate:
+    """The template that ``spec`` names (see the module docstring); ``model`` supplies its own template,
+    ``bos_token`` and ``eos_token``. Raises ChatTemplateError for an unknown name (with close matches),
+    a missing file or a model without a template."""
+    model_name = model.path.name if model is not None and getattr(model, "path", None) is not None else "the model"
+    own = model.chat_template() if model is not None else None
+    if spec is not None and not isinstance(spec, str):
+        raise ChatTemplateError(f"chat template {spec!r} is a {type(spec).__name__}; expected a name, a path to a "
+                                ".jinja file or template text")
+    spec = spec.strip() if spec is not None and not _looks_like_template_text(spec) else spec
+    if not spec and own is None and model is not None:
+        arch = getattr(model, "architecture", "") or ""
+        fallback = _ARCH_FALLBACK.get(arch)
+        if fallback is not None:
+            logger.info("%s has no tokenizer.chat_template; using llama.cpp's built-in %r for architecture %s",
+                        model_name, fallback, arch)
+            tmpl = ChatTemplate(source=f"llama.cpp built-in {fallback!r} ({model_name} has no tokenizer.chat_template; "
+                                       f"chosen for its architecture {arch})", builtin=fallback)
+            tmpl.bos_token = _special_text(model, model.bos)
+            tmpl.eos_token = _special_text(model, model.eos)
+            return tmpl
+    if not spec:
+        if own is None:
+            raise ChatTemplateError(
+                f"model {model_name} has no chat template (no tokenizer.chat_template in the GGUF); pass a template "
+                "name, a .jinja path or template text (MODEL_CHAT_TEMPLATE / --chat-template; "
+                "`pyllm info --chat-templates` lists the names)" if model is not None else
+                "no chat template given and no model to take one from")
+        tmpl = ChatTemplate(source=f"tokenizer.chat_template of {model_name}", text=own)
+    elif _looks_like_template_text(spec):
+        tmpl = ChatTemplate(source="template text", text=spec)
+    elif spec.lower() == GLM4_NAME:
+        if _is_glm(own):
+            tmpl = ChatTemplate(source=f"glm4 (tokenizer.chat_template of {model_name})", text=own)
+        else:
+            path = shipped_templates().get(GLM4_FALLBACK)
+            if path is None:
+                raise ChatTemplateError(f"chat template glm4: {GLM4_FALLBACK}.jinja is not installed "
+                                        "(no pyllm/templates nor vendor/llama.cpp/models/templates)")
+            tmpl = ChatTemplate(source=f"glm4 ({path.name})", text=_read_template_file(path))
+    elif spec.endswith(".jinja") or os.sep in spec or (os.altsep and os.altsep in spec):
+        path = Path(spec).expanduser()
+        tmpl = ChatTemplate(source=str(path), text=_read_template_file(path))
+    else:
+        shipped = shipped_templates()
+        lower = {k.lower(): k for k in shipped}
+        builtins = builtin_templates()
+        if spec.lower() in lower:
+            path = shipped[lower[spec.lower()]]
+            tmpl = ChatTemplate(source=path.name, text=_read_template_file(path))
+        elif spec in builtins:
+            tmpl = ChatTemplate(source=f"llama.cpp built-in {spec!r}", builtin=spec)
+        else:
+            names = [GLM4_NAME] + list(shipped) + builtins
+            close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+            close += [n for n in names if spec.lower() in n.lower() and n not in close][: 5 - len(close)]
+            hint = f"did you mean: {', '.join(close)}? " if close else ""
+            raise ChatTemplateError(f"unknown chat template {spec!r}; {hint}(`pyllm info --chat-templates` lists "
+                                    f"all {len(names)} names; a path to a .jinja file or template text also works)")
+    if model is not None:
+        tmpl.bos_token = _special_text(model, model.bos)
+        tmpl.eos_token = _special_text(model, model.eos)
+    return tmpl
+
+
+# ---------------------------------------------------------------------------------------------------
+# reasoning
+# ---------------------------------------------------------------------------------------------------
+REASONING = "reasoning"
+CONTENT = "content"
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReasoningParser:
+    """Splits streamed model output into ``("reasoning", text)`` and ``("content", text)`` pieces.
+
+    A reasoning block is ``start ... end`` at the beginning of the reply (leading whitespace allowed);
+    with ``starts_in_reasoning`` the prompt already opened it (GLM-4.7-Flash's and DeepSeek-R1's
+    generation prompts end with ``<think>``). Tags split across pieces are recognised; the tags
+    themselves and the whitespace right after a tag are not emitted.
+    """
+
+    def __init__(self, start: str = "<think>", end: str = "</think>", starts_in_reasoning: bool = False) -> None:
+        if not start or not end:
+            raise ValueError("reasoning start and end tags must be non-empty strings")
+        self.start, self.end = start, end
+        self._in_reasoning = starts_in_reasoning
+        self._may_start = not starts_in_reasoning   # a start tag counts only before any content
+        self._after_tag = starts_in_reasoning        # drop whitespace right after a tag
+        self._buf = ""
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._in_reasoning
+
+    def _emit(self, out: list, kind: str, text: str) -> None:
+        if self._after_tag:
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_tag = False
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        buf = self._buf + text
+        while buf:
+            if self._in_reasoning:
+                i = buf.find(self.end)
+                if i >= 0:
+                    self._emit(out, REASONING, buf[:i])
+                    buf = buf[i + len(self.end):]
+                    self._in_reasoning = False
+                    self._after_tag = True
+                    continue
+                hold = _partial_suffix(buf, self.end)
+                self._emit(out, REASONING, buf[: len(buf) - hold])
+                buf = buf[len(buf) - hold:]
+                break
+            if self._may_start:
+                stripped = buf.lstrip()
+                if not stripped:
+                    break                                  # only whitespace so far: wait
+                if stripped.startswith(self.start):
+                    buf = stripped[len(self.start):]
+                    self._in_reasoning, self._may_start, self._after_tag = True, False, True
+                    continue
+                if self.start.startswith(stripped):
+                    break                                  # could still become the start tag
+                self._may_start = False
+            self._emit(out, CONTENT, buf)
+            buf = ""
+        self._buf = buf
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """Flush what is held back (a partial tag at the very end is text after all)."""
+        out: list[tuple[str, str]] = []
+        if self._buf:
+            self._emit(out, REASONING if self._in_reasoning else CONTENT, self._buf)
+            self._buf = ""
+        return out
+
+
+def split_reasoning(text: str, start: str = "<think>", end: str = "</think>",
+                    starts_in_reasoning: bool = False) -> tuple[str, str]:
+    """``(reasoning, content)`` of a whole reply; both stripped of surrounding whitespace."""
+    p = ReasoningParser(start, end, starts_in_reasoning)
+    pieces = p.feed(text) + p.finish()
+    reasoning = "".join(t for k, t in pieces if k == REASONING)
+    content = "".join(t for k, t in pieces if k == CONTENT)
+    return reasoning.strip(), content.strip()
+
+
+def reasoning_parser_for(prompt_text: str, template: Optional[ChatTemplate] = None) -> Optional[ReasoningParser]:
+    """A parser when the template (or the prompt) uses ``<think>`` tags, else None.
+
+    It starts inside the reasoning block when the rendered prompt ends with an open ``<think>``
+    (GLM-4.7-Flash, DeepSeek-R1); with thinking turned off those templates close the block in the
+    prompt (``</think>``) and the reply is content.
+    """
+    start, end = "<think>", "</think>"
+    source = template.text if template is not None and template.text else ""
+    if end not in source and start not in prompt_text:
+        return None
+    return ReasoningParser(start, end, starts_in_reasoning=prompt_text.rstrip().endswith(start))
+
+
+# ---------------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ChatResult:
+    """One chat reply: ``text`` as generated, split into ``reasoning_content`` and ``content``;
+    ``result`` is the engine's GenerationResult (its fields are readable here too: ``stop_reason``,
+    ``tokens``, ``n_prompt``, ``gen_tps`` ...); ``prompt`` is the rendered prompt text."""
+
+    text: str
+    content: str
+    reasoning_content: str
+    result: Any
+    prompt: str = ""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "result":
+            raise AttributeError(name)
+        return getattr(self.result, name)
+
+    def message(self) -> dict:
+        """The reply as an assistant message for the next turn."""
+        m = {"role": "assistant", "content": self.content}
+        if self.reasoning_content:
+            m["reasoning_content"] = self.reasoning_content
+        return m
+
+
+def join_pieces(pieces: Iterable[tuple[str, str]]) -> tuple[str, str]:
+    """(reasoning, content) of streamed pieces, stripped."""
+    r, c = [], []
+    for kind, text in pieces:
+        (r if kind == REASONING else c).append(text)
+    return "".join(r).strip(), "".join(c).strip()
+
+
+__all__ = [
+    "CONTENT", "ChatResult", "ChatTemplate", "REASONING", "ReasoningParser", "available_templates",
+    "builtin_templates", "join_pieces", "reasoning_parser_for", "resolve_template", "shipped_templates",
+    "split_reasoning", "templates_dir", "validate_messages",
+]
+
+
