@@ -337,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       model_name=args.alias[0] if args.alias else None,
                                       aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
                                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                                      default_max_tokens=args.n_predict,
                                       log_level="debug" if args.verbose >= 2 else "info")
     return serve(config, settings)
 
@@ -356,6 +357,8 @@ def _add_serve_parser(sub) -> None:
                                                "(env PYLLM_SHUTDOWN_GRACE; default 30)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (env PYLLM_MAX_BODY_BYTES; default 8 MiB)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
+    p.add_argument("-n", "--n-predict", type=int, help="max_tokens of requests that give none "
+                                                       "(env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / n_parallel - prompt)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, PyllmError,
+from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
+from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
                           TokenizeError)
 from pyllm.sampling import SamplingParams
 from pyllm.server import metrics as _metrics
@@ -231,7 +232,7 @@ def _message_dict(i: int, m: Message) -> dict:
                                     "only text parts ({'type': 'text', 'text': ...})",
                                param=f"messages[{i}].content[{j}].type")
             texts.append(part.text)
-        d["content"] = "\n".join(texts)
+        d["content"] = "".join(texts)
     elif content is None:
         if m.role != "assistant":
             raise APIError(400, f"messages[{i}] (role {m.role!r}) has no content; expected a string",
@@ -249,6 +250,9 @@ class _State:
         self.load_error: Optional[BaseException] = None
         self.kv: Optional[dict] = None
         self.loader_thread: Optional[threading.Thread] = None
+        self.template: Optional[ChatTemplate] = None
+        self.template_error: Optional[str] = None
+        self.bos_text = ""
 
 
 def _kv_info(engine) -> Optional[dict]:
@@ -281,6 +285,7 @@ def create_app(
     chat_template: Optional[str] = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     retry_after_s: int = 1,
+    default_max_tokens: Optional[int] = None,
     close_engine: Optional[bool] = None,
     on_load_error: Optional[Callable[[BaseException], None]] = None,
 ) -> FastAPI:
@@ -290,12 +295,16 @@ def create_app(
     starts, and /health answers 503 until it returns. ``api_key``: every endpoint but /health then
     requires ``Authorization: Bearer <api_key>``. ``model_name``/``aliases``: the ids /v1/models lists
     and requests may name (default: the model file's name and its stem). ``close_engine``: close the
-    engine at shutdown (default: only an engine the app loaded itself).
+    engine at shutdown (default: only an engine the app loaded itself). ``default_max_tokens``: for
+    requests without max_tokens (default: the request's share of the KV pool, n_ctx / n_parallel).
     """
     if (engine is None) == (loader is None):
         raise ConfigError("create_app needs exactly one of engine= (a BatchedEngine) or loader= (a callable)")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes={max_body_bytes!r} is out of range; expected an integer >= 1024")
+    if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or
+                                           not isinstance(default_max_tokens, int) or default_max_tokens < 1):
+        raise ConfigError(f"default_max_tokens={default_max_tokens!r} is out of range; expected an integer >= 1")
     state = _State()
     owns = (loader is not None) if close_engine is None else close_engine
     created = int(time.time())
@@ -303,6 +312,15 @@ def create_app(
 
     def ready(eng) -> None:
         state.kv = _kv_info(eng)
+        model = eng.model
+        # Resolved once: the template comes from the server's configuration, never from a request.
+        try:
+            state.template = resolve_template(chat_template or eng.config.chat_template, model)
+        except ChatTemplateError as exc:
+            state.template_error = str(exc)
+            log.warning("chat completions are unavailable: %s", exc)
+        if model.bos >= 0:
+            state.bos_text = model.detokenize([model.bos], unparse_special=True)
         path = Path(str(getattr(eng.model, "path", "model")))
         ids = [model_name or path.name, path.name, path.stem, *aliases]
         names[:] = list(dict.fromkeys(n for n in ids if n))
@@ -363,6 +381,12 @@ def create_app(
             raise APIError(503, "Loading model", headers={"Retry-After": str(retry_after_s)})
         return state.engine
 
+    def chat_template_of(eng) -> ChatTemplate:
+        if state.template is None:
+            raise APIError(400, f"this server has no usable chat template, so only /v1/completions works: "
+                                f"{state.template_error}", param="messages")
+        return state.template
+
     def check_model(name: Optional[str]) -> str:
         if name is not None and name not in names:
             raise APIError(404, f"model {name!r} does not exist; this server serves: {', '.join(names)}",
@@ -370,18 +394,25 @@ def create_app(
         return names[0]
 
     def cap_tokens(eng, n_prompt: int, requested: Optional[int]) -> int:
-        n_ctx = _ctx_per_sequence(eng)
-        room = n_ctx - n_prompt
+        """max_tokens capped by the context. Unasked, a request gets its fair share of the KV pool
+        (n_ctx / n_parallel, prompt included; the engine reserves prompt + max_tokens cells at admission),
+        so n_parallel such requests run at once; ``default_max_tokens`` sets another default."""
+        s = eng.stats()
+        n_seq = int(s.get("n_ctx_seq") or eng.n_ctx)
+        room = n_seq - n_prompt
         if room < 1:
-            raise APIError(400, f"the prompt has {n_prompt} tokens; a request fits at most {n_ctx - 1} "
-                                f"(context {n_ctx} tokens per sequence; raise -c / MAX_CONTEXT_LENGTH)",
+            raise APIError(400, f"the prompt has {n_prompt} tokens; a request fits at most {n_seq - 1} "
+                                f"(context of {n_seq} tokens per sequence; raise -c / MAX_CONTEXT_LENGTH)",
                            param="messages", code="context_length_exceeded")
-        return room if requested is None else min(requested, room)
+        if requested is None:
+            requested = default_max_tokens
+        if requested is None:
+            share = int(s.get("n_ctx", n_seq)) // max(1, int(s.get("n_parallel", 1))) - n_prompt
+            requested = share if share >= 1 else room
+        return min(requested, room)
 
     def submit(eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
                ignore_eos: bool):
-        from pyllm.errors import QueueFullError
-
         try:
             return eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
                               ignore_eos=bool(ignore_eos))
@@ -454,13 +485,6 @@ def create_app(
         reasoning = "".join(t for k, t in parts if k == "reasoning")
         return (reasoning or None), "".join(t for k, t in parts if k != "reasoning")
 
-    def reasoning_parser(prompt_text: str, template: Optional[str]):
-        try:
-            from pyllm.chat import reasoning_parser_for
-        except ImportError:  # chat templates not merged yet: no reasoning split
-            return None
-        return reasoning_parser_for(prompt_text, template)
-
     # ---- endpoints ----
     @app.get("/health")
     async def health():
@@ -517,27 +541,29 @@ def create_app(
             raise APIError(400, f"response_format type {fmt!r} is not supported; only 'text'",
                            param="response_format")
         messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-        template = chat_template or eng.config.chat_template
+        tmpl = chat_template_of(eng)
         kwargs = dict(body.chat_template_kwargs or {})
-        if body.tools:
-            kwargs["tools"] = body.tools
+        # As llama-server: enable_thinking is always passed (true unless the client turns it off).
+        kwargs.setdefault("enable_thinking", True)
+        reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "seconds", "max_chars"})
+        if reserved:  # the render's own arguments (its time and size limits included) are not the client's
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
+                           param="chat_template_kwargs")
 
         def render_and_tokenize() -> tuple[str, list[int]]:
-            text = eng.model.apply_chat_template(messages, template=template, add_generation_prompt=True, **kwargs)
-            toks = eng.model.tokenize(text, add_special=True, parse_special=True)
-            bos = eng.model.bos
-            if len(toks) >= 2 and toks[0] == toks[1] == bos:
-                toks = toks[1:]  # the template wrote BOS and the tokenizer added another
-            return text, toks
+            text = tmpl.render(messages, add_generation_prompt=True, tools=body.tools, **kwargs)
+            # Control tokens parsed as such; no second BOS when the template wrote the BOS text itself.
+            add_special = not (state.bos_text and text.startswith(state.bos_text))
+            return text, eng.model.tokenize(text, add_special=add_special, parse_special=True)
 
         try:
             prompt_text, tokens = await asyncio.to_thread(render_and_tokenize)
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
-        except TypeError as exc:  # an unexpected template keyword
-            raise APIError(400, f"chat_template_kwargs: {exc}", param="chat_template_kwargs") from None
+        if not tokens:
+            raise APIError(400, "the chat template rendered an empty prompt", param="messages")
         max_tokens = cap_tokens(eng, len(tokens), body.max_completion_tokens or body.max_tokens)
-        parser = reasoning_parser(prompt_text, template or eng.model.chat_template())
+        parser = reasoning_parser_for(prompt_text, tmpl)
         req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -623,7 +649,7 @@ def create_app(
                 eng.model.check_tokens(tokens)
             except TokenizeError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
-        max_tokens = cap_tokens(eng, len(tokens), body.max_tokens if body.max_tokens is not None else 16)
+        max_tokens = cap_tokens(eng, len(tokens), body.max_tokens)
         req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
         cid, created_at = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -47,7 +47,9 @@ class _EngineCollector:
         for name, key, doc in (
             ("pyllm_requests_running", "active", "requests decoding in the engine now"),
             ("pyllm_requests_queued", "queued", "requests waiting in the engine's queue"),
-            ("pyllm_kv_cells_used", "kv_cells_used", "KV cache cells in use (all sequences)"),
+            ("pyllm_kv_cells_used", "kv_cells_used", "KV cache cells in use (all sequences, idle prefix caches included)"),
+            ("pyllm_kv_cells_reserved", "kv_cells_reserved", "KV cells reserved by running requests (prompt + max_tokens)"),
+            ("pyllm_kv_cells_cached", "kv_cells_cached", "KV cells held by idle prefix caches (reusable, evictable)"),
             ("pyllm_n_parallel", "n_parallel", "sequences decoded at once (-np, LLAMA_PARALLEL)"),
         ):
             g = GaugeMetricFamily(name, doc)

@@ -23,6 +23,7 @@ SERVER_ENV_VARS: dict[str, str] = {
     "PYLLM_SHUTDOWN_GRACE": "seconds running requests may finish after SIGTERM (default 30)",
     "PYLLM_MAX_BODY_BYTES": f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
     "PYLLM_MAX_QUEUE": "requests that may wait for a free sequence before 503 (default 64)",
+    "PYLLM_DEFAULT_MAX_TOKENS": "max_tokens of requests that give none (default: n_ctx / n_parallel - prompt)",
 }
 
 
@@ -38,6 +39,7 @@ class ServeSettings:
     grace_s: float = 30.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int = 64
+    default_max_tokens: Optional[int] = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -49,8 +51,10 @@ class ServeSettings:
             self.api_key = None
         if not isinstance(self.grace_s, (int, float)) or isinstance(self.grace_s, bool) or not 0 <= self.grace_s <= 3600:
             raise ConfigError(f"grace={self.grace_s!r} is out of range; expected seconds in [0, 3600]")
-        for name, lo in (("max_body_bytes", 1024), ("max_queue", 1)):
+        for name, lo in (("max_body_bytes", 1024), ("max_queue", 0), ("default_max_tokens", 1)):
             v = getattr(self, name)
+            if v is None and name == "default_max_tokens":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} is out of range; expected an integer >= {lo}")
 
@@ -81,6 +85,7 @@ class ServeSettings:
         number("PYLLM_SHUTDOWN_GRACE", "grace_s", float)
         number("PYLLM_MAX_BODY_BYTES", "max_body_bytes")
         number("PYLLM_MAX_QUEUE", "max_queue")
+        number("PYLLM_DEFAULT_MAX_TOKENS", "default_max_tokens")
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -144,7 +149,7 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
     app = create_app(
         loader=lambda: BatchedEngine(config, max_queue=settings.max_queue),
         api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
-        max_body_bytes=settings.max_body_bytes, close_engine=True, on_load_error=load_failed,
+        max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens, close_engine=True, on_load_error=load_failed,
     )
     import uvicorn
 
