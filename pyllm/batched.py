@@ -29,11 +29,10 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from pyllm import default_model
 from pyllm._ffi import ffi, lib
 from pyllm.config import EngineConfig
 from pyllm.context import Context, KVCacheBytes, _install_sigint_bridge
-from pyllm.engine import GREEDY, GenerationResult, StopReason
+from pyllm.engine import GREEDY, GenerationResult, StopReason, load_model
 from pyllm.errors import (
     ClosedError,
     ConfigError,
@@ -238,10 +237,7 @@ class BatchedEngine:
         self.max_queue = max_queue
         self.cache_prompt = cache_prompt
         self._owns_model = model is None
-        if model is None:
-            path = config.model_path or str(default_model.path())
-            model = Model(path, n_gpu_layers=config.n_gpu_layers, use_mmap=config.use_mmap, use_mlock=config.use_mlock)
-        self.model = model
+        self.model = model = model if model is not None else load_model(config)
         try:
             # Created on the caller's thread (the main thread installs the Ctrl-C bridge); from here
             # on only the engine thread uses it.

@@ -371,6 +371,41 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from pyllm.server.run import ServeSettings, serve
+    except ImportError as exc:
+        raise PyllmError(f"pyllm serve needs the server extra ({exc.name} is missing): "
+                         "pip install 'pyllm[server]'") from None
+
+    env = _environment(args)
+    config = _config_from_args(args, env)
+    settings = ServeSettings.from_env(env, host=args.host, port=args.port, api_key=args.api_key,
+                                      model_name=args.alias[0] if args.alias else None,
+                                      aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
+                                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                                      default_max_tokens=args.n_predict,
+                                      log_level="debug" if args.verbose >= 2 else "info")
+    return serve(config, settings)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')")
+    _add_model_args(p, ENGINE_FIELDS + ("n_parallel",))
+    p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="TCP port (env PORT; default 8080)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env PYLLM_API_KEY, preferred: "
+                                     "flags are visible to other users in ps)")
+    p.add_argument("-a", "--alias", action="append", help="model id to serve as (repeatable; default: the file name)")
+    p.add_argument("--grace", type=float, help="seconds running requests may finish after SIGTERM "
+                                               "(env PYLLM_SHUTDOWN_GRACE; default 30)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (env PYLLM_MAX_BODY_BYTES; default 8 MiB)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
+    p.add_argument("-n", "--n-predict", type=int, help="max_tokens of requests that give none "
+                                                       "(env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / n_parallel - prompt)")
+    p.set_defaults(func=cmd_serve)
+
+
 def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion to stdout")
     p.add_argument("prompt", help="the prompt text")
@@ -447,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_plan_parser(sub)
     _add_kv_eval_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -72,6 +72,12 @@ class GenerationResult:
         return n / self.gen_seconds if self.gen_seconds > 0 and n else 0.0
 
 
+def load_model(config: EngineConfig) -> Model:
+    """The model a config names (the default model without MODEL_PATH), loaded as it says."""
+    return Model(config.model_path or str(default_model.path()), n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
+                 use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+
+
 class Engine:
     """Loads the configured model and creates its context; generates text.
 
@@ -83,11 +89,7 @@ class Engine:
         """``model``: an already loaded model to share (the engine then closes only its context)."""
         self.config = config = config if config is not None else EngineConfig.from_env()
         self._owns_model = model is None
-        if model is None:
-            path = config.model_path or str(default_model.path())
-            model = Model(path, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers), use_mmap=config.use_mmap,
-                          use_mlock=config.use_mlock)
-        self.model = model
+        self.model = model = model if model is not None else load_model(config)
         try:
             self.context = Context(
                 self.model,

@@ -1,0 +1,694 @@
+"""The OpenAI-compatible HTTP API over a BatchedEngine.
+
+``create_app(engine)`` builds a FastAPI app around an engine that already exists (tests start it
+on a random port); ``create_app(loader=...)`` builds it around one that is still loading (``/health``
+answers 503 until it is ready). The engine's own thread runs every llama_decode; the event loop
+only submits requests and awaits their pieces, so it never blocks on the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
+from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
+                          TokenizeError)
+from pyllm.sampling import SamplingParams
+from pyllm.server import metrics as _metrics
+from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Message,
+                                  TokenizeRequest)
+
+log = logging.getLogger("pyllm.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_STOP_STRINGS = 16
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+              "/detokenize")
+_FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context_full": "length"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+                503: "unavailable_error"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Any = None,
+                 type: Optional[str] = None, headers: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.code = code if code is not None else status
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose request is cancelled however the response ends (disconnect included,
+    even one before the first event, when the event generator never started)."""
+
+    def __init__(self, events, req, on_cancel: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._req, self._on_cancel = req, on_cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._req.done:
+                self._req.cancel()
+                self._on_cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# ASGI guard: auth, body size, request counting. Pure ASGI, so streaming responses are untouched.
+# ---------------------------------------------------------------------------------------------
+class _Guard:
+    def __init__(self, app, *, api_key: Optional[str], max_body_bytes: int, metrics: _metrics.ServerMetrics):
+        self.app = app
+        self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def _reject(self, send, err: APIError, endpoint: str) -> None:
+        self.metrics.requests.labels(endpoint, str(err.status)).inc()
+        resp = err.response()
+        await send({"type": "http.response.start", "status": err.status, "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+    def _authorized(self, headers: dict) -> bool:
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # Digests of equal length: the comparison time says nothing about the key's length or content.
+        return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self._key_digest)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        headers = dict(scope.get("headers") or ())
+        if self._key_digest is not None and path != "/health" and not self._authorized(headers):
+            err = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            await self._reject(send, err, endpoint)
+            return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0:
+                await self._reject(send, APIError(400, f"Content-Length {length!r} is not a byte count"), endpoint)
+                return
+            if n > self.max_body_bytes:
+                await self._reject(send, _too_large(n, self.max_body_bytes), endpoint)
+                return
+        status = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status.get("code", 499))).inc()
+
+
+def _too_large(n: int, limit: int) -> APIError:
+    return APIError(413, f"request body of {n} bytes is larger than the limit of {limit} bytes",
+                    code="request_too_large")
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing and validation
+# ---------------------------------------------------------------------------------------------
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise _too_large(n, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not (isinstance(part, str) and (part in ("str", "int", "bool", "list", "float", "none")
+                                             or part.startswith(("list[", "function-", "literal[")))):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+async def _parse(request: Request, model: type[BaseModel], limit: int):
+    body = await _read_body(request, limit)
+    if not body.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        return model.model_validate_json(body, strict=True)
+    except ValidationError as exc:
+        errs = exc.errors(include_url=False)
+        first = errs[0]
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON (or not valid UTF-8): {first['msg']}") from None
+        # A union reports one error per branch; the field's name and the shortest reason are enough.
+        param = _loc(first["loc"])
+        same = [e for e in errs if _loc(e["loc"]) == param] or [first]
+        reasons = "; or ".join(dict.fromkeys(e["msg"] for e in same))
+        given = first.get("input")
+        shown = repr(given) if not isinstance(given, (dict, list)) or len(repr(given)) < 80 else type(given).__name__
+        where = f"field '{param}'" if param else "the request body"
+        raise APIError(400, f"{where}: {reasons} (got {shown})", param=param or None) from None
+
+
+def _sampling(body) -> SamplingParams:
+    if body.n is not None and body.n != 1:
+        raise APIError(400, f"n={body.n} is not supported; this server returns one choice (n=1)", param="n")
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs are not supported by this server; omit 'logprobs' and 'top_logprobs'",
+                       param="logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value not in (None, 0, 0.0):
+            raise APIError(400, f"{name}={value!r} is not supported; use repeat_penalty (llama.cpp's) instead",
+                           param=name)
+    kw = {f: getattr(body, f) for f in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+          if getattr(body, f) is not None}
+    try:
+        return SamplingParams(**kw)
+    except ConfigError as exc:
+        field = str(exc).split("=", 1)[0]
+        raise APIError(400, str(exc), param=field if field in kw else None) from None
+
+
+def _stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are accepted", param="stop")
+    return [s for s in stops if s]
+
+
+def _message_dict(i: int, m: Message) -> dict:
+    d = m.model_dump(exclude_none=True)
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"messages[{i}].content[{j}] has type {part.type!r}; this server accepts "
+                                    "only text parts ({'type': 'text', 'text': ...})",
+                               param=f"messages[{i}].content[{j}].type")
+            texts.append(part.text)
+        d["content"] = "".join(texts)
+    elif content is None:
+        if m.role != "assistant":
+            raise APIError(400, f"messages[{i}] (role {m.role!r}) has no content; expected a string",
+                           param=f"messages[{i}].content")
+        d["content"] = ""
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self) -> None:
+        self.engine = None
+        self.load_error: Optional[BaseException] = None
+        self.kv: Optional[dict] = None
+        self.loader_thread: Optional[threading.Thread] = None
+        self.template: Optional[ChatTemplate] = None
+        self.template_error: Optional[str] = None
+        self.bos_text = ""
+
+
+def _kv_info(engine) -> Optional[dict]:
+    """KV bytes per cache and type, read once (they are fixed at allocation)."""
+    try:
+        fn = getattr(engine, "kv_cache_bytes", None) or engine.context.kv_cache_bytes
+        kv = fn()
+        return {"k": kv.k, "v": kv.v, "type_k": kv.type_k, "type_v": kv.type_v}
+    except Exception as exc:  # metrics must never stop the server from starting
+        log.warning("KV cache bytes unavailable for /metrics: %s", exc)
+        return None
+
+
+def _ctx_per_sequence(engine) -> int:
+    """Tokens one request may occupy: the whole context if unified, else the sequence's share."""
+    s = engine.stats()
+    for key in ("n_ctx_seq", "n_ctx_per_seq"):
+        if s.get(key):
+            return int(s[key])
+    return int(engine.n_ctx)
+
+
+def create_app(
+    engine=None,
+    *,
+    loader: Optional[Callable[[], Any]] = None,
+    api_key: Optional[str] = None,
+    model_name: Optional[str] = None,
+    aliases: Sequence[str] = (),
+    chat_template: Optional[str] = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    retry_after_s: int = 1,
+    default_max_tokens: Optional[int] = None,
+    close_engine: Optional[bool] = None,
+    on_load_error: Optional[Callable[[BaseException], None]] = None,
+) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine`` (a pyllm.batched.BatchedEngine).
+
+    ``loader``: instead of ``engine``, a callable that builds it; it runs in a thread when the app
+    starts, and /health answers 503 until it returns. ``api_key``: every endpoint but /health then
+    requires ``Authorization: Bearer <api_key>``. ``model_name``/``aliases``: the ids /v1/models lists
+    and requests may name (default: the model file's name and its stem). ``close_engine``: close the
+    engine at shutdown (default: only an engine the app loaded itself). ``default_max_tokens``: for
+    requests without max_tokens (default: the request's share of the KV pool, n_ctx / n_parallel).
+    """
+    if (engine is None) == (loader is None):
+        raise ConfigError("create_app needs exactly one of engine= (a BatchedEngine) or loader= (a callable)")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+        raise ConfigError(f"max_body_bytes={max_body_bytes!r} is out of range; expected an integer >= 1024")
+    if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or
+                                           not isinstance(default_max_tokens, int) or default_max_tokens < 1):
+        raise ConfigError(f"default_max_tokens={default_max_tokens!r} is out of range; expected an integer >= 1")
+    state = _State()
+    owns = (loader is not None) if close_engine is None else close_engine
+    created = int(time.time())
+    names: list[str] = []
+
+    def ready(eng) -> None:
+        state.kv = _kv_info(eng)
+        model = eng.model
+        # Resolved once: the template comes from the server's configuration, never from a request.
+        try:
+            state.template = resolve_template(chat_template or eng.config.chat_template, model)
+        except ChatTemplateError as exc:
+            state.template_error = str(exc)
+            log.warning("chat completions are unavailable: %s", exc)
+        if model.bos >= 0:
+            state.bos_text = model.detokenize([model.bos], unparse_special=True)
+        path = Path(str(getattr(eng.model, "path", "model")))
+        ids = [model_name or path.name, path.name, path.stem, *aliases]
+        names[:] = list(dict.fromkeys(n for n in ids if n))
+        state.engine = eng
+
+    if engine is not None:
+        ready(engine)
+
+    def load() -> None:
+        try:
+            ready(loader())
+            log.info("model loaded; serving")
+        except BaseException as exc:  # reported through /health and on_load_error, not lost in a thread
+            state.load_error = exc
+            log.error("loading the model failed: %s", exc)
+            if on_load_error is not None:
+                on_load_error(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if loader is not None:
+            state.loader_thread = threading.Thread(target=load, name="pyllm-server-load", daemon=True)
+            state.loader_thread.start()
+        try:
+            yield
+        finally:
+            if state.loader_thread is not None:
+                await asyncio.to_thread(state.loader_thread.join)
+            if owns and state.engine is not None:
+                # close() cancels what is still running and joins the decode thread: off the event loop.
+                await asyncio.to_thread(state.engine.close)
+
+    metrics = _metrics.ServerMetrics(lambda: state.engine, lambda: state.kv)
+    app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pyllm = state
+    app.state.metrics = metrics
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        msg = {404: f"no endpoint {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return APIError(exc.status_code, str(msg)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+    def engine_or_503():
+        if state.engine is None:
+            if state.load_error is not None:
+                raise APIError(503, f"the model failed to load: {state.load_error}")
+            raise APIError(503, "Loading model", headers={"Retry-After": str(retry_after_s)})
+        return state.engine
+
+    def chat_template_of(eng) -> ChatTemplate:
+        if state.template is None:
+            raise APIError(400, f"this server has no usable chat template, so only /v1/completions works: "
+                                f"{state.template_error}", param="messages")
+        return state.template
+
+    def check_model(name: Optional[str]) -> str:
+        if name is not None and name not in names:
+            raise APIError(404, f"model {name!r} does not exist; this server serves: {', '.join(names)}",
+                           param="model", code="model_not_found")
+        return names[0]
+
+    def cap_tokens(eng, n_prompt: int, requested: Optional[int]) -> int:
+        """max_tokens capped by the context. Unasked, a request gets its fair share of the KV pool
+        (n_ctx / n_parallel, prompt included; the engine reserves prompt + max_tokens cells at admission),
+        so n_parallel such requests run at once; ``default_max_tokens`` sets another default."""
+        s = eng.stats()
+        n_seq = int(s.get("n_ctx_seq") or eng.n_ctx)
+        room = n_seq - n_prompt
+        if room < 1:
+            raise APIError(400, f"the prompt has {n_prompt} tokens; a request fits at most {n_seq - 1} "
+                                f"(context of {n_seq} tokens per sequence; raise -c / MAX_CONTEXT_LENGTH)",
+                           param="messages", code="context_length_exceeded")
+        if requested is None:
+            requested = default_max_tokens
+        if requested is None:
+            share = int(s.get("n_ctx", n_seq)) // max(1, int(s.get("n_parallel", 1))) - n_prompt
+            requested = share if share >= 1 else room
+        return min(requested, room)
+
+    def submit(eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
+               ignore_eos: bool):
+        try:
+            return eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
+                              ignore_eos=bool(ignore_eos))
+        except QueueFullError as exc:
+            metrics.rejected.inc()
+            raise APIError(503, f"the server is busy: {exc}", code="queue_full",
+                           headers={"Retry-After": str(retry_after_s)}) from None
+        except ContextFullError as exc:
+            raise APIError(400, str(exc), code="context_length_exceeded") from None
+        except ClosedError:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": str(retry_after_s)}) from None
+        except (ConfigError, TokenizeError) as exc:
+            raise APIError(400, str(exc)) from None
+
+    def usage(result) -> dict:
+        n_gen = len(result.tokens)
+        return {"prompt_tokens": result.n_prompt, "completion_tokens": n_gen,
+                "total_tokens": result.n_prompt + n_gen,
+                "prompt_tokens_details": {"cached_tokens": int(getattr(result, "n_prompt_cached", 0) or 0)}}
+
+    def record(result, t0: float) -> None:
+        metrics.prompt_tokens.inc(result.n_prompt)
+        metrics.cached_prompt_tokens.inc(int(getattr(result, "n_prompt_cached", 0) or 0))
+        metrics.completion_tokens.inc(len(result.tokens))
+        metrics.duration.observe(time.perf_counter() - t0)
+
+    def failure(result) -> Optional[APIError]:
+        if result.stop_reason in _FINISH:
+            return None
+        detail = f": {result.error}" if getattr(result, "error", None) else ""
+        if result.stop_reason == "cancelled":
+            return APIError(503, "the request was cancelled (the server is shutting down)", code="cancelled")
+        return APIError(500, f"generation failed ({result.stop_reason}){detail}", code=result.stop_reason)
+
+    async def watch_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect(request: Request, req, t0: float) -> list[str]:
+        """All pieces of a request; a client that goes away cancels it (its KV cells are freed)."""
+        pieces: list[str] = []
+
+        async def consume() -> None:
+            async for piece in req:
+                if not pieces:
+                    metrics.ttft.observe(time.perf_counter() - t0)
+                pieces.append(piece)
+
+        task = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(watch_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                req.cancel()
+                metrics.cancelled.inc()
+                task.cancel()
+                raise APIError(499, "client disconnected")
+            task.result()
+            return pieces
+        finally:
+            watch.cancel()
+            if not req.done:
+                req.cancel()
+                metrics.cancelled.inc()
+
+    def split(parser, text: str) -> tuple[Optional[str], str]:
+        if parser is None:
+            return None, text
+        parts = parser.feed(text) + parser.finish()
+        reasoning = "".join(t for k, t in parts if k == "reasoning")
+        return (reasoning or None), "".join(t for k, t in parts if k != "reasoning")
+
+    # ---- endpoints ----
+    @app.get("/health")
+    async def health():
+        engine_or_503()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(metrics.render(), media_type=_metrics.CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        eng = engine_or_503()
+        m = eng.model
+        meta = {"n_ctx": int(eng.n_ctx), "n_ctx_train": m.n_ctx_train, "n_params": m.n_params, "size": m.size,
+                "n_embd": m.n_embd, "n_vocab": m.n_vocab}
+        return {"object": "list", "data": [{"id": names[0], "object": "model", "created": created,
+                                            "owned_by": "pyllm", "aliases": names[1:], "meta": meta}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _parse(request, TokenizeRequest, max_body_bytes)
+        eng = engine_or_503()
+        try:
+            tokens = await asyncio.to_thread(eng.model.tokenize, body.content, add_special=body.add_special,
+                                             parse_special=body.parse_special)
+        except TokenizeError as exc:
+            raise APIError(400, str(exc), param="content") from None
+        if body.with_pieces:
+            pieces = [eng.model.detokenize([t], unparse_special=True) for t in tokens]
+            return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]}
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _parse(request, DetokenizeRequest, max_body_bytes)
+        eng = engine_or_503()
+        try:
+            return {"content": eng.model.detokenize(body.tokens)}
+        except TokenizeError as exc:
+            raise APIError(400, str(exc), param="tokens") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
+        eng = engine_or_503()
+        name = check_model(body.model)
+        sampling, stops = _sampling(body), _stops(body.stop)
+        if not body.messages:
+            raise APIError(400, "messages is empty; expected at least one message", param="messages")
+        fmt = (body.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise APIError(400, f"response_format type {fmt!r} is not supported; only 'text'",
+                           param="response_format")
+        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+        tmpl = chat_template_of(eng)
+        kwargs = dict(body.chat_template_kwargs or {})
+        # As llama-server: enable_thinking is always passed (true unless the client turns it off).
+        kwargs.setdefault("enable_thinking", True)
+        reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "seconds", "max_chars"})
+        if reserved:  # the render's own arguments (its time and size limits included) are not the client's
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
+                           param="chat_template_kwargs")
+
+        def render_and_tokenize() -> tuple[str, list[int]]:
+            text = tmpl.render(messages, add_generation_prompt=True, tools=body.tools, **kwargs)
+            # Control tokens parsed as such; no second BOS when the template wrote the BOS text itself.
+            add_special = not (state.bos_text and text.startswith(state.bos_text))
+            return text, eng.model.tokenize(text, add_special=add_special, parse_special=True)
+
+        try:
+            prompt_text, tokens = await asyncio.to_thread(render_and_tokenize)
+        except (ChatTemplateError, TokenizeError) as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        if not tokens:
+            raise APIError(400, "the chat template rendered an empty prompt", param="messages")
+        max_tokens = cap_tokens(eng, len(tokens), body.max_completion_tokens or body.max_tokens)
+        parser = reasoning_parser_for(prompt_text, tmpl)
+        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
+        cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def deltas(parts) -> list[str]:
+                return [_sse(chunk({"reasoning_content" if kind == "reasoning" else "content": text}))
+                        for kind, text in parts if text]
+
+            async def events():
+                first = True
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+                async for piece in req:
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    for ev in deltas(parser.feed(piece) if parser else [("content", piece)]):
+                        yield ev
+                if parser is not None:
+                    for ev in deltas(parser.finish()):
+                        yield ev
+                result = req.result
+                record(result, t0)
+                err = failure(result)
+                if err is not None:
+                    yield _sse(err.body())
+                else:
+                    yield _sse(chunk({}, _FINISH[result.stop_reason]))
+                    if include_usage:
+                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created_at,
+                                    "model": name, "choices": [], "usage": usage(result)})
+                yield "data: [DONE]\n\n"
+
+            # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
+            return _EventStream(events(), req, metrics.cancelled.inc)
+
+        await collect(request, req, t0)
+        result = req.result
+        record(result, t0)
+        if (err := failure(result)) is not None:
+            raise err
+        reasoning, content = split(parser, result.text)
+        message = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {"id": cid, "object": "chat.completion", "created": created_at, "model": name,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": _FINISH[result.stop_reason]}],
+                "usage": usage(result)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        body = await _parse(request, CompletionRequest, max_body_bytes)
+        eng = engine_or_503()
+        name = check_model(body.model)
+        sampling, stops = _sampling(body), _stops(body.stop)
+        if body.echo:
+            raise APIError(400, "echo=true is not supported by this server", param="echo")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt is a batch of {len(prompt)} prompts; this server takes one per request",
+                               param="prompt")
+            prompt = prompt[0]
+        if len(prompt) == 0:
+            raise APIError(400, "prompt is empty; expected text or a list of token ids", param="prompt")
+        if isinstance(prompt, str):
+            try:
+                tokens = await asyncio.to_thread(eng.model.tokenize, prompt, add_special=True, parse_special=True)
+            except TokenizeError as exc:
+                raise APIError(400, str(exc), param="prompt") from None
+        else:
+            tokens = list(prompt)
+            try:
+                eng.model.check_tokens(tokens)
+            except TokenizeError as exc:
+                raise APIError(400, str(exc), param="prompt") from None
+        max_tokens = cap_tokens(eng, len(tokens), body.max_tokens)
+        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
+        cid, created_at = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def choice(text: str, finish: Optional[str]) -> dict:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        def obj(choices: list, **extra) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created_at, "model": name,
+                    "choices": choices, **extra}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def events():
+                first = True
+                async for piece in req:
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    yield _sse(obj([choice(piece, None)]))
+                result = req.result
+                record(result, t0)
+                err = failure(result)
+                if err is not None:
+                    yield _sse(err.body())
+                else:
+                    yield _sse(obj([choice("", _FINISH[result.stop_reason])]))
+                    if include_usage:
+                        yield _sse(obj([], usage=usage(result)))
+                yield "data: [DONE]\n\n"
+
+            # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
+            return _EventStream(events(), req, metrics.cancelled.inc)
+
+        await collect(request, req, t0)
+        result = req.result
+        record(result, t0)
+        if (err := failure(result)) is not None:
+            raise err
+        return obj([choice(result.text, _FINISH[result.stop_reason])], usage=usage(result))
+
+    return app

@@ -1,0 +1,154 @@
+"""Run the server: settings from flags and the environment, uvicorn, graceful shutdown."""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from pyllm.config import INT32_MAX, EngineConfig, Environment, check_int
+from pyllm.errors import ConfigError
+from pyllm.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+
+log = logging.getLogger("pyllm.server")
+
+SERVER_ENV_VARS: dict[str, str] = {
+    "HOST": "address to bind (default 127.0.0.1: this machine only)",
+    "PORT": "TCP port (default 8080)",
+    "PYLLM_API_KEY": "require 'Authorization: Bearer <key>' on every endpoint but /health",
+    "PYLLM_SHUTDOWN_GRACE": "seconds running requests may finish after SIGTERM (default 30)",
+    "PYLLM_MAX_BODY_BYTES": f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
+    "PYLLM_MAX_QUEUE": "requests that may wait for a free sequence before 503 (default 64)",
+    "PYLLM_DEFAULT_MAX_TOKENS": "max_tokens of requests that give none (default: n_ctx / n_parallel - prompt)",
+}
+
+# (variable, field, minimum, maximum) of the integer settings.
+_INT_SETTINGS = (("PORT", "port", 0, 65535), ("PYLLM_MAX_BODY_BYTES", "max_body_bytes", 1024, INT32_MAX),
+                 ("PYLLM_MAX_QUEUE", "max_queue", 0, 1_000_000),
+                 ("PYLLM_DEFAULT_MAX_TOKENS", "default_max_tokens", 1, INT32_MAX))
+
+
+@dataclass
+class ServeSettings:
+    """How the server listens; the engine's own settings stay in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = field(default=None, repr=False)
+    model_name: Optional[str] = None
+    aliases: tuple = ()
+    grace_s: float = 30.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = 64
+    default_max_tokens: Optional[int] = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ConfigError(f"host={self.host!r} is not an address; expected e.g. 127.0.0.1 or 0.0.0.0")
+        if self.api_key is not None and not self.api_key.strip():
+            self.api_key = None
+        if not isinstance(self.grace_s, (int, float)) or isinstance(self.grace_s, bool) or not 0 <= self.grace_s <= 3600:
+            raise ConfigError(f"grace={self.grace_s!r} is out of range; expected seconds in [0, 3600]")
+        for _var, name, minimum, maximum in _INT_SETTINGS:
+            if getattr(self, name) is not None or name != "default_max_tokens":
+                check_int(name, getattr(self, name), minimum=minimum, maximum=maximum)
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "ServeSettings":
+        """HOST, PORT, PYLLM_API_KEY, ... (from the environment and a .env file, as every setting); keyword
+        arguments (flags) that are not None win. Errors name the variable and the file it came from."""
+        env = env if isinstance(env, Environment) else Environment(env)
+        kw: dict = {}
+        for var, name, minimum, maximum in _INT_SETTINGS:
+            raw = env.get(var)
+            if raw is not None and raw.strip():
+                kw[name] = check_int(env.source(var), raw, minimum=minimum, maximum=maximum, text=True)
+        if (host := env.get("HOST")) is not None and host.strip():
+            kw["host"] = host.strip()
+        if (key := env.get("PYLLM_API_KEY")) is not None:
+            kw["api_key"] = key
+        if (grace := env.get("PYLLM_SHUTDOWN_GRACE")) is not None and grace.strip():
+            try:
+                kw["grace_s"] = float(grace)
+            except ValueError:
+                raise ConfigError(f"{env.source('PYLLM_SHUTDOWN_GRACE')}={grace!r} is not a number; "
+                                  "expected seconds in [0, 3600]") from None
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that after a graceful SIGTERM/SIGINT the process exits 0.
+
+        uvicorn re-raises the captured signal once it has shut down (so the default handler kills the
+        process with it); a service manager then sees a crash instead of the clean stop it asked for.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSettings] = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit status (0 after a graceful stop).
+
+    The port opens at once; the model loads in a thread meanwhile (/health answers 503 until it is
+    ready). On SIGTERM: no new connections, running requests get ``settings.grace_s`` seconds to
+    finish, then they are cancelled and the engine is closed.
+    """
+    from pyllm.batched import BatchedEngine
+
+    config = config if config is not None else EngineConfig.from_env()
+    settings = settings if settings is not None else ServeSettings.from_env()
+    if not settings.is_loopback and settings.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(set PYLLM_API_KEY)", settings.host)
+    failed: list[BaseException] = []
+    holder: dict = {}
+
+    def load_failed(exc: BaseException) -> None:
+        failed.append(exc)
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    app = create_app(
+        loader=lambda: BatchedEngine(config, max_queue=settings.max_queue),
+        api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
+        max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens, close_engine=True, on_load_error=load_failed,
+    )
+    import uvicorn
+
+    ucfg = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
+                          timeout_graceful_shutdown=settings.grace_s, log_level=settings.log_level,
+                          access_log=settings.log_level == "debug", server_header=False)
+    server = holder["server"] = _uvicorn_server_class()(ucfg)
+    server.run()
+    if failed:
+        raise failed[0]
+    return 0 if server.started else 1

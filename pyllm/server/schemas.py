@@ -1,0 +1,82 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated strictly by pydantic.
+
+Strict mode: a number where a string is expected (or "5" where an integer is) is a 400 naming
+the field, never a silent coercion. Unknown fields are ignored, as OpenAI clients send many
+(``user``, ``logit_bias``, ``parallel_tool_calls``, ...) that change nothing here; fields we
+know but cannot honour (``n > 1``, ``logprobs``, penalties) are rejected by the endpoint with
+a message saying so.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: Optional[str] = None
+
+
+class Message(BaseModel):
+    # Extra keys (tool_calls, tool_call_id, name, reasoning_content) go to the chat template as given.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class _Sampling(_Body):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None          # llama-server's extension
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[Union[bool, int]] = None
+    top_logprobs: Optional[int] = None
+    ignore_eos: Optional[bool] = False              # llama-server's extension
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    response_format: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None   # llama-server's extension (e.g. enable_thinking)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: Optional[bool] = False
+    suffix: Optional[str] = None
+
+
+class TokenizeRequest(_Body):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
