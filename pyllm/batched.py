@@ -263,8 +263,6 @@ class BatchedEngine:
         self._mem = ctx._memory
         self._ctx_ptr = ctx.ptr
         self._vocab = model.vocab_ptr
-        bos = model.bos
-        self._bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 and model.add_bos else ""
         self._abort_flag = ctx._abort_flag
         self._abort_flag[0] = 0
         self._batch = ctx._batch._struct
@@ -320,10 +318,9 @@ class BatchedEngine:
         """Text to ids as submit() does: BOS added as the model asks, never twice."""
         if not isinstance(text, str):
             raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str")
-        add = True
-        if parse_special and self._bos_text and text.startswith(self._bos_text):
-            add = False  # a rendered chat template already starts with the BOS token's text
-        return self.model.tokenize(text, add_special=add, parse_special=parse_special)
+        if parse_special:  # a rendered chat template may already start with the BOS token's text
+            return self.model.tokenize_chat(text)
+        return self.model.tokenize(text, add_special=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.model.detokenize(ids)

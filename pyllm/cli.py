@@ -145,11 +145,9 @@ def _print_chat_templates(as_json: bool) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pyllm.engine import Engine
-    from pyllm.sampling import SamplingParams
 
     config = _config_from_args(args)
-    sampling = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repeat_penalty=args.repeat_penalty)   # seed: the engine's (--seed / LLAMA_SEED)
+    sampling = _sampling_from_args(args)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
         stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat)
@@ -210,11 +208,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn chat on a terminal (/reset, /exit; Ctrl-C stops a reply); one turn from piped stdin."""
     from pyllm.engine import Engine
     from pyllm.errors import ConfigError
-    from pyllm.sampling import SamplingParams
 
     config = _config_from_args(args)
-    sampling = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repeat_penalty=args.repeat_penalty)   # seed: the engine's (--seed / LLAMA_SEED)
+    sampling = _sampling_from_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     out = sys.stdout
     styled = out.isatty()
@@ -263,13 +259,26 @@ def _add_chat_parser(sub) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--no-think", action="store_true", help="turn the model's thinking off (enable_thinking=false)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning block")
-    p.add_argument("-n", "--n-predict", type=int, default=1024, help="max tokens per reply (-1 = until end)")
+    _add_sampling_args(p, n_predict=1024, n_help="max tokens per reply (-1 = until end)")
+    p.set_defaults(func=cmd_chat)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: int, n_help: str) -> None:
+    """llama.cpp's generation flags, with its defaults (the seed is a setting: --seed / LLAMA_SEED)."""
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=n_help)
     p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.set_defaults(func=cmd_chat)
+
+
+def _sampling_from_args(args: argparse.Namespace):
+    from pyllm.sampling import SamplingParams
+
+    # No seed here: the engine's (--seed / LLAMA_SEED) applies to every sampled generation without one.
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty)
 
 
 def _progress_bar(total: int, unit: str, enabled: bool):
@@ -410,12 +419,7 @@ def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion to stdout")
     p.add_argument("prompt", help="the prompt text")
     _add_model_args(p)
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until end or full context)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    _add_sampling_args(p, n_predict=128, n_help="tokens to generate (-1 = until end or full context)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="format the prompt with the chat template")
     p.set_defaults(func=cmd_generate)

@@ -142,11 +142,7 @@ class Engine:
     def tokenize_chat_text(self, text: str) -> list[int]:
         """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when
         the template already wrote the BOS token's text at the start."""
-        model = self.model
-        bos = model.bos
-        bos_text = model.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
-        add_special = not (bos_text and text.startswith(bos_text))
-        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        tokens = self.model.tokenize_chat(text)
         if not tokens:
             raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
         return tokens

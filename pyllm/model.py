@@ -237,6 +237,13 @@ class Model(NativeHandle):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
                 raise TokenizeError(f"token id {t!r} at index {i} is outside the vocabulary; expected 0 <= id < {n}")
 
+    def tokenize_chat(self, text: str) -> list[int]:
+        """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when the
+        template already wrote the BOS token's text at the start (as most templates do)."""
+        bos = self.bos
+        bos_text = self.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        return self.tokenize(text, add_special=not (bos_text and text.startswith(bos_text)), parse_special=True)
+
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` maps
         special-token text (e.g. ``<start_of_turn>``) to its id instead of treating it as plain text."""

@@ -252,7 +252,6 @@ class _State:
         self.loader_thread: Optional[threading.Thread] = None
         self.template: Optional[ChatTemplate] = None
         self.template_error: Optional[str] = None
-        self.bos_text = ""
 
 
 def _kv_info(engine) -> Optional[dict]:
@@ -319,8 +318,6 @@ def create_app(
         except ChatTemplateError as exc:
             state.template_error = str(exc)
             log.warning("chat completions are unavailable: %s", exc)
-        if model.bos >= 0:
-            state.bos_text = model.detokenize([model.bos], unparse_special=True)
         path = Path(str(getattr(eng.model, "path", "model")))
         ids = [model_name or path.name, path.name, path.stem, *aliases]
         names[:] = list(dict.fromkeys(n for n in ids if n))
@@ -478,6 +475,38 @@ def create_app(
                 req.cancel()
                 metrics.cancelled.inc()
 
+    async def finished(request: Request, req, t0: float):
+        """The result of a non-streamed request (a client that goes away cancels it)."""
+        await collect(request, req, t0)
+        result = req.result
+        record(result, t0)
+        if (err := failure(result)) is not None:
+            raise err
+        return result
+
+    async def sse(req, t0: float, include_usage: bool, events_of, finish_event, usage_event, flush=lambda: ()):
+        """The server-sent events of a streamed request: each piece's events, the finish event (or the
+        error), the usage when asked for, then [DONE]."""
+        first = True
+        async for piece in req:
+            if first:
+                metrics.ttft.observe(time.perf_counter() - t0)
+                first = False
+            for ev in events_of(piece):
+                yield ev
+        for ev in flush():
+            yield ev
+        result = req.result
+        record(result, t0)
+        err = failure(result)
+        if err is not None:
+            yield _sse(err.body())
+        else:
+            yield _sse(finish_event(_FINISH[result.stop_reason]))
+            if include_usage:
+                yield _sse(usage_event(usage(result)))
+        yield "data: [DONE]\n\n"
+
     def split(parser, text: str) -> tuple[Optional[str], str]:
         if parser is None:
             return None, text
@@ -552,9 +581,7 @@ def create_app(
 
         def render_and_tokenize() -> tuple[str, list[int]]:
             text = tmpl.render(messages, add_generation_prompt=True, tools=body.tools, **kwargs)
-            # Control tokens parsed as such; no second BOS when the template wrote the BOS text itself.
-            add_special = not (state.bos_text and text.startswith(state.bos_text))
-            return text, eng.model.tokenize(text, add_special=add_special, parse_special=True)
+            return text, eng.model.tokenize_chat(text)
 
         try:
             prompt_text, tokens = await asyncio.to_thread(render_and_tokenize)
@@ -579,37 +606,19 @@ def create_app(
                         for kind, text in parts if text]
 
             async def events():
-                first = True
                 yield _sse(chunk({"role": "assistant", "content": ""}))
-                async for piece in req:
-                    if first:
-                        metrics.ttft.observe(time.perf_counter() - t0)
-                        first = False
-                    for ev in deltas(parser.feed(piece) if parser else [("content", piece)]):
-                        yield ev
-                if parser is not None:
-                    for ev in deltas(parser.finish()):
-                        yield ev
-                result = req.result
-                record(result, t0)
-                err = failure(result)
-                if err is not None:
-                    yield _sse(err.body())
-                else:
-                    yield _sse(chunk({}, _FINISH[result.stop_reason]))
-                    if include_usage:
-                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created_at,
-                                    "model": name, "choices": [], "usage": usage(result)})
-                yield "data: [DONE]\n\n"
+                async for ev in sse(req, t0, include_usage,
+                                    lambda piece: deltas(parser.feed(piece) if parser else [("content", piece)]),
+                                    lambda finish: chunk({}, finish),
+                                    lambda use: {"id": cid, "object": "chat.completion.chunk", "created": created_at,
+                                                 "model": name, "choices": [], "usage": use},
+                                    flush=lambda: deltas(parser.finish()) if parser is not None else ()):
+                    yield ev
 
             # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
             return _EventStream(events(), req, metrics.cancelled.inc)
 
-        await collect(request, req, t0)
-        result = req.result
-        record(result, t0)
-        if (err := failure(result)) is not None:
-            raise err
+        result = await finished(request, req, t0)
         reasoning, content = split(parser, result.text)
         message = {"role": "assistant", "content": content}
         if reasoning is not None:
@@ -663,32 +672,13 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            async def events():
-                first = True
-                async for piece in req:
-                    if first:
-                        metrics.ttft.observe(time.perf_counter() - t0)
-                        first = False
-                    yield _sse(obj([choice(piece, None)]))
-                result = req.result
-                record(result, t0)
-                err = failure(result)
-                if err is not None:
-                    yield _sse(err.body())
-                else:
-                    yield _sse(obj([choice("", _FINISH[result.stop_reason])]))
-                    if include_usage:
-                        yield _sse(obj([], usage=usage(result)))
-                yield "data: [DONE]\n\n"
+            events = sse(req, t0, include_usage, lambda piece: [_sse(obj([choice(piece, None)]))],
+                         lambda finish: obj([choice("", finish)]), lambda use: obj([], usage=use))
 
             # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
-            return _EventStream(events(), req, metrics.cancelled.inc)
+            return _EventStream(events, req, metrics.cancelled.inc)
 
-        await collect(request, req, t0)
-        result = req.result
-        record(result, t0)
-        if (err := failure(result)) is not None:
-            raise err
+        result = await finished(request, req, t0)
         return obj([choice(result.text, _FINISH[result.stop_reason])], usage=usage(result))
 
     return app
