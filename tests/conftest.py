@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,14 @@ def gqa_model_path(synthetic, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mla_model_path(synthetic, tmp_path_factory) -> Path:
     return synthetic.write_mla(tmp_path_factory.mktemp("gguf") / "mla.gguf")
+
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt for the test's duration, even where the runner started pytest with
+    SIGINT ignored (nohup, some CI runners); the runner's own handler is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

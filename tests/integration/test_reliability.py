@@ -138,17 +138,6 @@ def test_context_full_stops_cleanly(model, default_model_path):
         assert again.n_generated == 4
 
 
-@pytest.fixture
-def sigint_raises():
-    """Ctrl-C raises KeyboardInterrupt for the test's duration, even where the runner started pytest with
-    SIGINT ignored (nohup, some CI runners); the runner's own handler is restored afterwards."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _send_sigint_after(delay: float, sent: list) -> threading.Timer:
     def send() -> None:
         sent.append(time.perf_counter())
