@@ -28,7 +28,7 @@ from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
 from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
                           TokenizeError)
 from pyllm.sampling import SamplingParams
-from pyllm.server import metrics as _metrics
+import pyllm.server.metrics as _metrics
 from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Message,
                                   TokenizeRequest)
 
