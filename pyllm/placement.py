@@ -52,6 +52,9 @@ class Placement:
     main_gpu: int = 0
     rpc_servers: Optional[tuple[str, ...]] = None
     rpc_timeout: float = 120.0
+    # llama.cpp's CPU weight repacking (use_extra_bufts; llama-cli --no-repack turns it off). Remote CPU
+    # devices never repack, so a run that must match a split bit for bit turns it off locally too.
+    repack: bool = True
     device_names: list[str] = field(default_factory=list)
     _keep: list = field(default_factory=list, repr=False)
 
@@ -81,6 +84,7 @@ class Placement:
         if not n and self.main_gpu != 0:
             raise ConfigError(f"{MG_NAME}={self.main_gpu} but no GPU is visible and no RPC server is given; expected 0")
         params.split_mode = getattr(lib, _SPLIT_MODES[self.split_mode])
+        params.use_extra_bufts = bool(self.repack)
         params.main_gpu = self.main_gpu
         if self.tensor_split is not None:
             ts = ffi.new("float[]", max(int(lib.llama_max_devices()), n))

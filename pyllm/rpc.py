@@ -299,8 +299,7 @@ def check_bind_host(host: str, allow_remote: bool) -> str:
     if not addr.is_loopback and not allow_remote:
         raise ConfigError(
             f"--host {host!r} is not a loopback address: llama.cpp's RPC server has no authentication and "
-            "anyone who reaches the port can run code paths on this machine's devices and read its memory "
-            "buffers. Bind 127.0.0.1 and reach it over an SSH/WireGuard tunnel, or pass --allow-remote on a "
+            "anyone who reaches the port can allocate memory and run computations on this machine's devices. Bind 127.0.0.1 and reach it over an SSH/WireGuard tunnel, or pass --allow-remote on a "
             "private network you trust.")
     return str(addr)
 
