@@ -168,8 +168,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = stream.result
         kv = engine.kv_cache_bytes()
         ctx = engine.context
+        # Split over several devices (GPUs, RPC servers): the KV bytes each holds, as llama.cpp accounts them.
+        per_device = (" (" + ", ".join(f"{name} {b / 2**20:.2f}" for name, b in kv.devices.items()) + " MiB)"
+                      if len(kv.devices) > 1 else "")
         print(
-            f"KV cache: K {kv.type_k} / V {kv.type_v}, {kv.total_mib:.2f} MiB for n_ctx={ctx.n_ctx} "
+            f"KV cache: K {kv.type_k} / V {kv.type_v}, {kv.total_mib:.2f} MiB{per_device} for n_ctx={ctx.n_ctx} "
             f"(flash attention {'on' if ctx.flash_attn else 'off'}) | prompt: {result.n_prompt} tokens, "
             f"{result.prompt_tps:.1f} t/s | generation: {result.n_generated} tokens, {result.gen_tps:.1f} t/s "
             f"| stop: {result.stop_reason}",
