@@ -27,6 +27,7 @@ from pyllm.devices import resolve_gpu_layers
 from pyllm.engine import GREEDY, Engine
 from pyllm.errors import KVCacheConfigError, PyllmError
 from pyllm.model import Model
+from pyllm.placement import Placement
 
 
 @dataclass
@@ -90,6 +91,7 @@ class BenchParams:
     n_gpu_layers: Optional[int] = None  # None: all where a GPU is visible, else 0
     repetitions: int = 5
     seed: int = 1234
+    placement: Optional[Placement] = None   # split mode, tensor split, main GPU, RPC servers
 
     def __post_init__(self) -> None:
         self.kv_pairs = tuple((check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in self.kv_pairs)
@@ -127,7 +129,9 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
     ngl = resolve_gpu_layers(params.n_gpu_layers)
     rng = np.random.default_rng(params.seed)
     rows: list[BenchRow] = []
-    with Model(params.model_path, n_gpu_layers=ngl) as model:
+    if params.n_gpu_layers is None and params.placement is not None and params.placement.rpc_servers:
+        ngl = 99  # the rule of pyllm.engine.gpu_layers_of: with RPC servers, every layer is offloaded
+    with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
         n_vocab = model.n_vocab
         first = [model.bos] if model.add_bos else []
 

@@ -48,11 +48,19 @@ def build_info() -> dict[str, Any]:
         "cuda_fa_kernel_pairs": ["-".join(p) for p in compiled_fa_pairs()],
         "cuda_vmm": bool(lib.pyllm_build_cuda_vmm()) if cuda else None,
         "supports_gpu_offload": bool(lib.llama_supports_gpu_offload()),
+        "rpc": bool(lib.pyllm_build_rpc()) and bool(lib.llama_supports_rpc()),
+        "rpc_protocol": _rpc_protocol(),
         "supports_mmap": bool(lib.llama_supports_mmap()),
         "supports_mlock": bool(lib.llama_supports_mlock()),
         "kv_cache_types": list(KV_CACHE_TYPES),
         "system_info": _s(lib.llama_print_system_info()).strip(),
     }
+
+
+def _rpc_protocol() -> str:
+    from pyllm.rpc import RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION
+
+    return f"{RPC_PROTO_MAJOR_VERSION}.{RPC_PROTO_MINOR_VERSION}"
 
 
 def has_cuda() -> bool:

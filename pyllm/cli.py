@@ -13,7 +13,10 @@ from pyllm.errors import PyllmError
 
 # Settings every engine-backed subcommand takes (a subset for list commands; see _add_model_args).
 ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads",
-                 "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
+                 "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v",
+                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
+# Where the model's layers go: several GPUs of this box, and llama.cpp RPC servers' devices.
+SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
 
 
@@ -51,7 +54,8 @@ def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_F
     p.set_defaults(_fields=tuple(fields), _defaults={}, _kv_lists=kv_lists)
 
 
-_METAVARS = {"int": "N", "kv": "TYPE", "fa": "auto|on|off", "str": "VALUE", "bool": "1|0"}
+_METAVARS = {"int": "N", "kv": "TYPE", "fa": "auto|on|off", "str": "VALUE", "bool": "1|0",
+             "split": "none|layer|row", "ts": "N,N,...", "rpc": "HOST:PORT,...", "seconds": "SECONDS"}
 
 
 def _environment(args: argparse.Namespace):
@@ -115,6 +119,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"CUDA architectures: {', '.join(info['cuda_architectures'])}")
         print(f"CUDA flash-attention K-V pairs: {', '.join(info['cuda_fa_kernel_pairs'])}")
     print(f"GPU offload: {'yes' if info['supports_gpu_offload'] else 'no'}")
+    print(f"RPC (llama.cpp ggml-rpc, protocol {info['rpc_protocol']}): "
+          + ("yes: --rpc HOST:PORT, pyllm rpc-server" if info["rpc"] else "no (built with PYLLM_RPC=0)"))
     print(f"KV cache types: {', '.join(info['kv_cache_types'])}")
     dm = info["default_model"]
     where = dm["path"] if dm["installed"] else f"not installed ({dm['package']})"
@@ -160,8 +166,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = stream.result
         kv = engine.kv_cache_bytes()
         ctx = engine.context
+        # Split over several devices (GPUs, RPC servers): the KV bytes each holds, as llama.cpp accounts them.
+        per_device = (" (" + ", ".join(f"{name} {b / 2**20:.2f}" for name, b in kv.devices.items()) + " MiB)"
+                      if len(kv.devices) > 1 else "")
         print(
-            f"KV cache: K {kv.type_k} / V {kv.type_v}, {kv.total_mib:.2f} MiB for n_ctx={ctx.n_ctx} "
+            f"KV cache: K {kv.type_k} / V {kv.type_v}, {kv.total_mib:.2f} MiB{per_device} for n_ctx={ctx.n_ctx} "
             f"(flash attention {'on' if ctx.flash_attn else 'off'}) | prompt: {result.n_prompt} tokens, "
             f"{result.prompt_tps:.1f} t/s | generation: {result.n_generated} tokens, {result.gen_tps:.1f} t/s "
             f"| stop: {result.stop_reason}",
@@ -308,6 +317,7 @@ LIST_FIELDS = ("model_path", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads")
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pyllm import bench
+    from pyllm.engine import placement_of
 
     env = _environment(args)
     config = _config_from_args(args, env, n_ctx=0)
@@ -316,7 +326,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
         flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
-        n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions,
+        n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions, placement=placement_of(config),
     )
     bar = _progress_bar(len(params.tests()), "test", enabled=args.output != "json" and not args.no_progress)
 
@@ -337,13 +347,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pyllm import plan
     from pyllm.devices import resolve_gpu_layers
+    from pyllm.engine import gpu_layers_of, placement_of
 
     env = _environment(args)
     config = _config_from_args(args, env)
     result = plan.make_plan(
         _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
-        n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
+        n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
+        placement=placement_of(config),
     )
     print(result.to_json() if args.json else plan.format_table(result))
     if args.plot:
@@ -429,7 +441,7 @@ def _add_generate_parser(sub) -> None:
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS, kv_lists=True, help_defaults={"kv_cache_type_k": "f16"})
+    _add_model_args(p, LIST_FIELDS + SPLIT_FIELDS, kv_lists=True, help_defaults={"kv_cache_type_k": "f16"})
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt-processing test sizes (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation test sizes (default 128)")
     p.add_argument("-d", "--n-depth", type=_int_list, default=[0], help="KV cache depth before each test (default 0)")
@@ -440,10 +452,32 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    from pyllm import rpc
+
+    return rpc.serve(args.host, args.port, threads=args.threads, cache=args.cache, allow_remote=args.allow_remote)
+
+
+def _add_rpc_server_parser(sub) -> None:
+    p = sub.add_parser(
+        "rpc-server", help="serve this machine's devices to other pyllm/llama.cpp processes (llama.cpp's rpc-server)",
+        description="llama.cpp's RPC server: clients (--rpc HOST:PORT) place layers on this machine's devices (its "
+                    "GPUs, else its CPU). It has NO authentication: it binds 127.0.0.1 unless --allow-remote; reach "
+                    "it over an SSH/WireGuard tunnel or a private network. One client at a time.")
+    p.add_argument("--host", default="127.0.0.1", help="IPv4 address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50052, help="TCP port (default 50052)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for the CPU device (default: half the CPUs)")
+    p.add_argument("-c", "--cache", action="store_true",
+                   help="cache tensors sent to this server on disk ($LLAMA_CACHE/rpc, else ~/.cache/llama.cpp/rpc)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host (unauthenticated: private networks only)")
+    p.set_defaults(func=cmd_rpc_server)
+
+
 def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn"), kv_lists=True,
+    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn") + SPLIT_FIELDS, kv_lists=True,
                     help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context"})
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
                                     "(default: the GPU's free memory, else system RAM)")
@@ -487,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_kv_eval_parser(sub)
     _add_serve_parser(sub)
+    _add_rpc_server_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ quantized) is read from ggml when a rule needs it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pyllm.errors import ConfigError, KVCacheConfigError
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, is_quantized, normalize_kv_cache_type, unquantized_types
 
 FLASH_ATTN_VALUES = ("auto", "on", "off")
+SPLIT_MODES = ("none", "layer", "row")
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
@@ -72,6 +74,39 @@ def check_flash_attn(source: str, value: Any) -> str:
     if low not in FLASH_ATTN_VALUES:
         raise ConfigError(f"{source}={value!r} is not valid; expected one of: {', '.join(FLASH_ATTN_VALUES)}")
     return low
+
+
+def check_split_mode(source: str, value: Any) -> str:
+    low = value.strip().lower() if isinstance(value, str) else None
+    if low not in SPLIT_MODES:
+        raise ConfigError(f"{source}={value!r} is not a split mode; expected one of: {', '.join(SPLIT_MODES)}")
+    return low
+
+
+def check_tensor_split(source: str, value: Any) -> Optional[tuple[float, ...]]:
+    """``3,1`` (or a sequence of numbers): each device's share of the layers, non-negative, not all zero.
+    Its length is checked against the model's devices when the model loads (pyllm.model)."""
+    if value is None:
+        return None
+    items = value.replace("/", ",").split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ConfigError(f"{source}={value!r} is not a list of proportions; expected e.g. 3,1")
+    out = []
+    for item in items:
+        num = item
+        if isinstance(item, str):
+            try:
+                num = float(item.strip())
+            except ValueError:
+                num = None
+        if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num):
+            raise ConfigError(f"{source}={value!r}: {item!r} is not a number; expected non-negative proportions, e.g. 3,1")
+        if num < 0:
+            raise ConfigError(f"{source}={value!r}: {item!r} is negative; expected non-negative proportions, e.g. 3,1")
+        out.append(float(num))
+    if not any(out):
+        raise ConfigError(f"{source}={value!r} is all zeros; expected at least one device with a positive share")
+    return tuple(out)
 
 
 def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
@@ -157,7 +192,7 @@ class Setting:
     field: str
     env: Optional[str]
     flags: tuple[str, ...]
-    kind: str                      # int | bool | kv | fa | str
+    kind: str                      # int | bool | kv | fa | str | split | ts | rpc | seconds
     help: str
     minimum: int = 0
 
@@ -170,6 +205,18 @@ class Setting:
             return check_bool(source, raw)
         if self.kind == "int":
             return check_int(source, raw, minimum=self.minimum, text=True)
+        if self.kind == "split":
+            return check_split_mode(source, raw)
+        if self.kind == "ts":
+            return check_tensor_split(source, raw)
+        if self.kind == "rpc":
+            from pyllm.rpc import check_rpc_servers
+
+            return check_rpc_servers(source, raw)
+        if self.kind == "seconds":
+            from pyllm.rpc import check_timeout
+
+            return check_timeout(source, raw)
         return raw
 
 
@@ -201,6 +248,17 @@ SETTINGS: tuple[Setting, ...] = (
             "K cache type (overrides KV_CACHE_TYPE for K)"),
     Setting("kv_cache_type_v", "KV_CACHE_TYPE_V", ("-ctv", "--cache-type-v"), "kv",
             "V cache type (overrides KV_CACHE_TYPE for V)"),
+    Setting("split_mode", "LLAMA_SPLIT_MODE", ("-sm", "--split-mode"), "split",
+            "how to split the model over several devices: none (main GPU only), layer, row (default layer)"),
+    Setting("tensor_split", "LLAMA_TENSOR_SPLIT", ("-ts", "--tensor-split"), "ts",
+            "share of the offloaded layers per device, in device order (RPC servers first), e.g. 3,1 "
+            "(default: by free memory)"),
+    Setting("main_gpu", "LLAMA_MAIN_GPU", ("-mg", "--main-gpu"), "int",
+            "the device for the whole model with -sm none, for intermediate results with -sm row (default 0)"),
+    Setting("rpc_servers", "LLAMA_RPC_SERVERS", ("--rpc",), "rpc",
+            "llama.cpp RPC servers whose devices the model may use, host:port,... (see `pyllm rpc-server`)"),
+    Setting("rpc_timeout", "LLAMA_RPC_TIMEOUT", ("--rpc-timeout",), "seconds",
+            "seconds an RPC server may take to answer one command before the process ends naming it (default 120)"),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
@@ -232,6 +290,11 @@ class EngineConfig:
     offload_kqv: bool = True                  # keep the KV cache and attention on the GPU when offloading
     n_parallel: int = 1                       # -np: sequences decoded at once (the batched engine)
     kv_unified: bool = True                   # one KV pool shared by all sequences (False: n_ctx / n_parallel each)
+    split_mode: str = "layer"                 # -sm: none | layer | row
+    tensor_split: Optional[tuple[float, ...]] = None   # -ts: share per device (None: by free memory)
+    main_gpu: int = 0                         # -mg
+    rpc_servers: Optional[tuple[str, ...]] = None      # --rpc: host:port of llama.cpp RPC servers
+    rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -263,6 +326,13 @@ class EngineConfig:
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         check_v_needs_flash_attn(self.effective_type_v, self.flash_attn)
+        self.split_mode = check_split_mode("split_mode", self.split_mode)
+        self.tensor_split = check_tensor_split("tensor_split", self.tensor_split)
+        check_int("main_gpu", self.main_gpu, minimum=0, maximum=255)
+        from pyllm.rpc import check_rpc_servers, check_timeout
+
+        self.rpc_servers = check_rpc_servers("rpc_servers", self.rpc_servers)
+        self.rpc_timeout = check_timeout("rpc_timeout", self.rpc_timeout)
 
     @property
     def effective_type_k(self) -> str:

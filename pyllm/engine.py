@@ -15,6 +15,7 @@ from pyllm.context import Context, KVCacheBytes
 from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
 from pyllm.model import Model
+from pyllm.placement import Placement
 from pyllm.sampling import Sampler, SamplingParams
 from pyllm.textstream import TextStream
 
@@ -74,8 +75,21 @@ class GenerationResult:
 
 def load_model(config: EngineConfig) -> Model:
     """The model a config names (the default model without MODEL_PATH), loaded as it says."""
-    return Model(config.model_path or str(default_model.path()), n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
-                 use_mmap=config.use_mmap, use_mlock=config.use_mlock)
+    return Model(config.model_path or str(default_model.path()), n_gpu_layers=gpu_layers_of(config),
+                 use_mmap=config.use_mmap, use_mlock=config.use_mlock, placement=placement_of(config))
+
+
+def gpu_layers_of(config: EngineConfig) -> int:
+    """-ngl as given; without it, every layer where a GPU is visible or RPC servers are given, else 0."""
+    if config.n_gpu_layers is None and config.rpc_servers:
+        return 99
+    return resolve_gpu_layers(config.n_gpu_layers)
+
+
+def placement_of(config: EngineConfig) -> Placement:
+    """Where the config puts the model's layers: split mode, shares, main GPU, RPC servers."""
+    return Placement(split_mode=config.split_mode, tensor_split=config.tensor_split, main_gpu=config.main_gpu,
+                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout)
 
 
 class Engine:

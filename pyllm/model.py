@@ -11,6 +11,7 @@ from pyllm._runtime import ensure_backend
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
 from pyllm.errors import ModelLoadError, TokenizeError, VocabOnlyError
+from pyllm.placement import Placement
 
 GGUF_MAGIC = b"GGUF"
 
@@ -56,9 +57,11 @@ class Model(NativeHandle):
         vocab_only: bool = False,
         no_alloc: bool = False,
         progress: Optional[Callable[[float], Optional[bool]]] = None,
+        placement: Optional["Placement"] = None,
     ) -> None:
         """``progress(fraction)`` is called while loading; returning False cancels the load. An
-        exception it raises cancels the load and is re-raised here."""
+        exception it raises cancels the load and is re-raised here. ``placement``: split mode, tensor
+        split, main GPU and RPC servers (pyllm.placement; validated, servers checked, before loading)."""
         ensure_backend()
         self.path = Path(os.fspath(path))
         _check_model_file(self.path)
@@ -74,13 +77,20 @@ class Model(NativeHandle):
             params.load_mode = lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.no_alloc = no_alloc
+        if placement is not None:
+            placement.apply(params)
         handle = None
         if progress is not None:
             handle = ffi.new_handle(progress)
             params.progress_callback = lib._pyllm_progress_callback
             params.progress_callback_user_data = handle
-        with native_log.capture() as lines:
-            ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        watcher = placement.watch_connections() if placement is not None else None
+        try:
+            with native_log.capture() as lines:
+                ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        finally:
+            if watcher is not None:
+                watcher.stop()
         try:
             _runtime.raise_pending()
         except BaseException:
@@ -96,6 +106,8 @@ class Model(NativeHandle):
         self.vocab_only = vocab_only
         self.no_alloc = no_alloc
         self.n_gpu_layers = n_gpu_layers
+        self.placement = placement
+        self.device_names = list(placement.device_names) if placement is not None else []
         self._init_common()
 
     @classmethod
@@ -107,6 +119,8 @@ class Model(NativeHandle):
         self.vocab_only = False
         self.no_alloc = False
         self.n_gpu_layers = 0
+        self.placement = None
+        self.device_names = []
         self._init_common()
         return self
 

@@ -17,6 +17,7 @@ from pyllm.context import Context, validate_kv_types
 from pyllm.errors import ConfigError, PyllmError
 from pyllm.config import check_batch_sizes, check_int, check_kv_type
 from pyllm.model import Model
+from pyllm.placement import Placement
 
 GRANULE = 256                  # llama.cpp pads the KV cache to multiples of 256 cells
 MAX_SEARCH_CTX = 1 << 24       # upper end of the search for the uncapped maximum
@@ -76,6 +77,7 @@ class Plan:
     n_gpu_layers: int
     rows: list[PlanRow]
     curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # "k/v" -> [(n_ctx, total bytes)]
+    model_devices: list[str] = field(default_factory=list)   # the split's devices, in order (RPC servers first)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -85,8 +87,8 @@ class Planner:
     """Simulated allocations of one model (no_alloc): measure any context size and KV type pair."""
 
     def __init__(self, model_path: str, *, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
-                 flash_attn: str = "auto") -> None:
-        self.model = Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=False, no_alloc=True)
+                 flash_attn: str = "auto", placement: Optional[Placement] = None) -> None:
+        self.model = Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=False, no_alloc=True, placement=placement)
         self.n_batch, self.n_ubatch, self.flash_attn = n_batch, n_ubatch, flash_attn
         self.n_gpu_layers = n_gpu_layers
 
@@ -193,7 +195,8 @@ def default_budget() -> tuple[int, str]:
 
 
 def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f16"),), n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
-              n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False) -> Plan:
+              n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False,
+              placement: Optional[Placement] = None) -> Plan:
     if memory is None:
         budget, source = default_budget()
     elif str(memory).strip().lower() == "gpu":
@@ -204,9 +207,9 @@ def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f
     check_int("-c", n_ctx, minimum=0, what=" (0 = the model's training context)")
     check_batch_sizes(0, n_batch, n_ubatch)
     with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
-                 flash_attn=flash_attn) as planner:
+                 flash_attn=flash_attn, placement=placement) as planner:
         plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget, budget_source=source,
-                    n_gpu_layers=n_gpu_layers, rows=[])
+                    n_gpu_layers=n_gpu_layers, rows=[], model_devices=list(planner.model.device_names))
         for k, v in pairs:
             try:
                 validate_kv_types(planner.model, k, v, flash_attn)
@@ -241,7 +244,25 @@ def format_table(plan: Plan) -> str:
         unc = (">= " if r.max_ctx_uncapped >= MAX_SEARCH_CTX else "") + f"{r.max_ctx_uncapped:,}"
         lines.append(f"| {r.type_k} | {r.type_v} | {r.kv_bytes_per_token:,.0f} | {r.n_ctx:,} | {_mib(r.kv_bytes)} | "
                      f"{_mib(r.weights_bytes)} | {_mib(r.compute_bytes)} | {_mib(r.total_bytes)} | {cap} | {unc} |")
+    lines += format_devices(plan)
     return "\n".join(lines)
+
+
+def format_devices(plan: Plan) -> list[str]:
+    """Per device (llama.cpp's buffer types: CPU, CUDA0, RPC0[host:port], ...) at each row's n_ctx, when the
+    model is split over more than one."""
+    rows = [r for r in plan.rows if not r.error and len(r.devices) > 1]
+    if not rows:
+        return []
+    lines = ["", "per device at n_ctx (MiB; llama.cpp's memory breakdown)"
+             + (f"; devices: {', '.join(plan.model_devices)}" if plan.model_devices else ""),
+             "| type_k | type_v | device | weights | KV | compute | total |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        for name, d in r.devices.items():
+            total = d["model"] + d["context"] + d["compute"]
+            lines.append(f"| {r.type_k} | {r.type_v} | {name} | {_mib(d['model'])} | {_mib(d['context'])} | "
+                         f"{_mib(d['compute'])} | {_mib(total)} |")
+    return lines
 
 
 def plot(plan: Plan, path: str) -> None:

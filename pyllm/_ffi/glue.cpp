@@ -13,6 +13,13 @@
 #include "llama-memory-hybrid.h"
 
 #include <atomic>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <vector>
+#if PYLLM_HAS_RPC
+#include "ggml-rpc.h"
+#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #elif defined(__SSE2__)
@@ -60,6 +67,80 @@ const char * pyllm_build_backends(void) { return PYLLM_BACKENDS; }
 const char * pyllm_build_cuda_archs(void) { return PYLLM_CUDA_ARCHS; }
 const char * pyllm_build_fa_quants(void) { return PYLLM_FA_QUANTS; }
 int          pyllm_build_cuda_vmm(void) { return PYLLM_CUDA_VMM; }
+int          pyllm_build_rpc(void) { return PYLLM_HAS_RPC; }
+
+ggml_backend_reg_t pyllm_rpc_add_server(const char * endpoint) {
+#if PYLLM_HAS_RPC
+    return ggml_backend_rpc_add_server(endpoint);
+#else
+    (void) endpoint;
+    return nullptr;
+#endif
+}
+
+int pyllm_rpc_serve(const char * endpoint, const char * cache_dir, size_t n_threads) {
+#if PYLLM_HAS_RPC
+    // The devices llama.cpp's rpc-server picks: every accelerator (GPU), else the CPU.
+    std::vector<ggml_backend_dev_t> devices;
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        enum ggml_backend_dev_type t = ggml_backend_dev_type(dev);
+        if (t != GGML_BACKEND_DEVICE_TYPE_CPU && t != GGML_BACKEND_DEVICE_TYPE_ACCEL) {
+            devices.push_back(dev);
+        }
+    }
+    if (devices.empty()) {
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (cpu != nullptr) {
+            devices.push_back(cpu);
+        }
+    }
+    if (devices.empty()) {
+        fprintf(stderr, "pyllm rpc-server: no device to serve\n");
+        return 1;
+    }
+    ggml_backend_rpc_start_server(endpoint, cache_dir, n_threads, devices.size(), devices.data());
+    return 1;  // returns only when it could not bind, accept or set up a backend (it said why on stderr)
+#else
+    (void) endpoint; (void) cache_dir; (void) n_threads;
+    return -1;
+#endif
+}
+
+static std::mutex g_rpc_fatal_mutex;
+static std::string g_rpc_endpoints;
+static ggml_abort_callback_t g_prev_abort = nullptr;
+static bool g_rpc_hook_installed = false;
+
+static void pyllm_on_ggml_abort(const char * message) {
+    // Runs on the thread that hit GGML_ABORT (for RPC: ggml-rpc's dispatcher thread); abort() follows.
+    fprintf(stderr, "%s\n", message);
+    if (message != nullptr && (strstr(message, "RPC") != nullptr || strstr(message, "rpc") != nullptr ||
+                               strstr(message, "connect") != nullptr)) {
+        fprintf(stderr,
+                "pyllm: the connection to an RPC server (%s) failed or was lost; llama.cpp's RPC client "
+                "cannot recover from that and ends the process.\n",
+                g_rpc_endpoints.c_str());
+    }
+    fflush(stderr);
+    if (g_prev_abort != nullptr) {
+        g_prev_abort(message);
+    }
+}
+
+void pyllm_rpc_fatal_hook(const char * endpoints) {
+    std::lock_guard<std::mutex> lock(g_rpc_fatal_mutex);
+    if (endpoints != nullptr) {
+        if (!g_rpc_endpoints.empty()) {
+            g_rpc_endpoints += ",";
+        }
+        g_rpc_endpoints += endpoints;
+    }
+    if (!g_rpc_hook_installed) {
+        g_prev_abort = ggml_set_abort_callback(pyllm_on_ggml_abort);
+        g_rpc_hook_installed = true;
+    }
+}
 
 static volatile sig_atomic_t g_sigint_pending = 0;
 static struct sigaction g_sigint_prev;

@@ -69,6 +69,19 @@ int  pyllm_sigint_pending(void);
    that cannot fit in memory (an out-of-memory kill is not a clean error). */
 uint64_t pyllm_kv_bytes_lower_bound(const struct llama_model * model, uint32_t n_ctx, enum ggml_type type_k,
                                     enum ggml_type type_v);
+
+/* llama.cpp's RPC backend (ggml-rpc), compiled in unless PYLLM_RPC=0. pyllm_build_rpc: 1 when it is.
+   pyllm_rpc_add_server: the registry of one server's devices (connects, asks how many devices it has);
+   NULL in a build without RPC or when the server reports no device. ggml-rpc ABORTS the process when it
+   cannot connect: check reachability first (pyllm.rpc does, with a timeout).
+   pyllm_rpc_serve: llama.cpp's rpc-server loop on this process (its devices chosen as rpc-server does:
+   the accelerators, else the CPU); returns only on failure (1; -1 in a build without RPC).
+   pyllm_rpc_fatal_hook: once, installs a ggml abort callback that names the lost RPC connection before
+   llama.cpp ends the process (ggml-rpc cannot recover from a dropped server). */
+int  pyllm_build_rpc(void);
+ggml_backend_reg_t pyllm_rpc_add_server(const char * endpoint);
+int  pyllm_rpc_serve(const char * endpoint, const char * cache_dir, size_t n_threads);
+void pyllm_rpc_fatal_hook(const char * endpoints);
 /* cffi-cdef-end */
 
 #ifdef __cplusplus
