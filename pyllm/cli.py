@@ -346,7 +346,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pyllm import plan
-    from pyllm.devices import resolve_gpu_layers
     from pyllm.engine import gpu_layers_of, placement_of
 
     env = _environment(args)
