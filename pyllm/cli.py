@@ -299,8 +299,16 @@ LIST_FIELDS = ("model_path", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads")
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pyllm import bench
+    from pyllm.errors import ConfigError
 
     env = _environment(args)
+    if args.batched:
+        return _cmd_bench_batched(args, env)
+    for flag, value in (("-c", args.n_ctx), ("-npp", args.n_pp), ("-ntg", args.n_tg), ("-npl", args.n_pl),
+                        ("-pps", args.shared_prompt or None), ("-kvu", args.kv_unified or None)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to pyllm bench --batched only; llama-bench's tests size their own "
+                              "contexts (-p, -n, -d)")
     config = _config_from_args(args, env, n_ctx=0)
     params = bench.BenchParams(
         model_path=_model_path(config), n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
@@ -322,6 +330,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(bench.FORMATS[args.output](rows))
+    return 0
+
+
+def _cmd_bench_batched(args: argparse.Namespace, env) -> int:
+    from pyllm import bench
+
+    config = _config_from_args(args, env)
+    params = bench.BatchedBenchParams(
+        model_path=_model_path(config), n_pp=args.n_pp or [128, 512], n_tg=args.n_tg or [128],
+        n_pl=args.n_pl or [1, 2, 4, 8, 16, 32], shared_prompt=args.shared_prompt, kv_unified=args.kv_unified,
+        n_ctx=config.n_ctx, kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
+        flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
+        n_gpu_layers=config.n_gpu_layers,
+    )
+    n_rows = len(params.rows()) * len(params.kv_pairs) * len(params.flash_attn)
+    bar = _progress_bar(n_rows, "row", enabled=args.output != "json" and not args.no_progress)
+
+    def progress(label: str) -> None:
+        if bar is not None:
+            bar.set_description(label)
+            bar.update(1)
+
+    try:
+        rows = bench.run_batched_bench(params, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(bench.BATCHED_FORMATS[args.output](rows))
     return 0
 
 
@@ -423,9 +460,11 @@ def _add_generate_parser(sub) -> None:
 
 
 def _add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)",
+    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix); "
+                                     "--batched: llama-batched-bench's through the batched engine",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS, kv_lists=True, help_defaults={"kv_cache_type_k": "f16"})
+    _add_model_args(p, LIST_FIELDS + ("n_ctx",), kv_lists=True,
+                    help_defaults={"kv_cache_type_k": "f16", "n_ctx": "--batched only; 0: the training context"})
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt-processing test sizes (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation test sizes (default 128)")
     p.add_argument("-d", "--n-depth", type=_int_list, default=[0], help="KV cache depth before each test (default 0)")
@@ -433,7 +472,17 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5)
     p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench)
+    g = p.add_argument_group("--batched: llama-batched-bench's table (PP, TG, B, N_KV, T_PP, S_PP, T_TG, S_TG, T, S)")
+    g.add_argument("--batched", action="store_true",
+                   help="many sequences at once through the batched engine, as llama-batched-bench")
+    g.add_argument("-npp", dest="n_pp", type=_int_list, help="prompt tokens per sequence (default 128,512)")
+    g.add_argument("-ntg", dest="n_tg", type=_int_list, help="generated tokens per sequence (default 128)")
+    g.add_argument("-npl", dest="n_pl", type=_int_list, help="sequences at once (default 1,2,4,8,16,32)")
+    g.add_argument("-pps", dest="shared_prompt", action="store_true",
+                   help="one prompt shared by all sequences (decoded once, its cells copied)")
+    g.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true",
+                   help="one KV pool shared by all sequences (default: n_ctx / max(-npl) each, as llama-batched-bench)")
+    p.set_defaults(func=cmd_bench, _defaults={"n_ctx": 0})
 
 
 def _add_plan_parser(sub) -> None:
