@@ -372,6 +372,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=resolve_gpu_layers(config.n_gpu_layers),
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
+        n_parallel=config.n_parallel, kv_unified=not args.no_kv_unified,
     )
     print(result.to_json() if args.json else plan.format_table(result))
     if args.plot:
@@ -488,8 +489,12 @@ def _add_bench_parser(sub) -> None:
 def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn"), kv_lists=True,
-                    help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context"})
+    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn", "n_parallel"), kv_lists=True,
+                    help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context",
+                                   "n_parallel": "1; N > 1 adds how many -c sequences fit at once and how long "
+                                                 "each of N can be"})
+    p.add_argument("-no-kvu", "--no-kv-unified", action="store_true",
+                   help="with -np: n_ctx / n_parallel cells per sequence (llama.cpp's split KV) instead of one pool")
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
                                     "(default: the GPU's free memory, else system RAM)")
     p.add_argument("--json", action="store_true")
