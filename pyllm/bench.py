@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from pyllm.batched import BatchedEngine
-from pyllm.config import (INT32_MAX, EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type,
+from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type,
                           check_threads)
 from pyllm.context import default_threads, validate_kv_types
 from pyllm.devices import resolve_gpu_layers
@@ -324,8 +324,8 @@ class BatchedBenchParams:
     n_ctx: int = 0                            # -c; 0: the model's training context (llama-batched-bench)
     kv_pairs: Sequence[tuple[str, str]] = (("f16", "f16"),)
     flash_attn: Sequence[str] = ("auto",)
-    n_batch: int = 2048
-    n_ubatch: int = 512
+    n_batch: Optional[int] = None             # None: min(2048, n_ctx), as EngineConfig
+    n_ubatch: Optional[int] = None            # None: min(512, n_batch)
     n_threads: Optional[int] = None
     n_gpu_layers: Optional[int] = None
     seed: int = 1234
@@ -333,6 +333,10 @@ class BatchedBenchParams:
     def __post_init__(self) -> None:
         self.kv_pairs = tuple((check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in self.kv_pairs)
         self.flash_attn = tuple(check_flash_attn("-fa", fa) for fa in self.flash_attn)
+        if self.n_batch is None:
+            self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if isinstance(self.n_ctx, int) and self.n_ctx else DEFAULT_N_BATCH
+        if self.n_ubatch is None:
+            self.n_ubatch = min(DEFAULT_N_UBATCH, self.n_batch)
         for flag, values in (("-npp", self.n_pp), ("-ntg", self.n_tg), ("-npl", self.n_pl)):
             if not values:
                 raise ConfigError(f"{flag} is empty; expected a comma-separated list of integers")
