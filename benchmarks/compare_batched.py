@@ -17,14 +17,13 @@ the context are left out by both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_native import PYLLM_CLI, ROOT, build_native, paired_ratios, run_json  # noqa: E402
+from compare_native import PYLLM_CLI, ROOT, build_native, paired_ratios, run_json, write_out  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["-m", args.model, "-npp", args.npp, "-ntg", args.ntg, "-npl", args.npl, "-c", args.c, "-b", args.b,
               "-ub", args.ub, "-fa", args.fa, "-t", str(args.threads), "-ngl", args.ngl]
     common += ["-pps"] * args.pps + ["-kvu"] * args.kvu
+    header = (f"model: {args.model}; threads: {args.threads}; -c {args.c} -b {args.b} -ub {args.ub} -fa {args.fa} "
+              f"-ngl {args.ngl}{' -pps' * args.pps}{' -kvu' * args.kvu}; rounds: {args.rounds}")
     speeds: dict[str, dict[tuple, dict[str, list[float]]]] = {"native": {}, "pyllm": {}}
     raw: dict[str, list[dict]] = {"native": [], "pyllm": []}
     for rnd in range(args.rounds):
@@ -78,14 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                         speeds[who].setdefault(key, {}).setdefault(field, []).append(row[field])
                 raw[who].extend(rows)
             print(f"round {rnd + 1}/{args.rounds} {kv}: done", file=sys.stderr)
-            if args.out:
-                write_out(args.out, raw, ratio_table(speeds))
+            if args.out:  # after every step: a run cut short still leaves what it measured
+                write_out(args.out, raw, ratio_table(speeds), header)
     table = ratio_table(speeds)
-    print(f"model: {args.model}; threads: {args.threads}; -c {args.c} -b {args.b} -ub {args.ub} -fa {args.fa} "
-          f"-ngl {args.ngl}{' -pps' * args.pps}{' -kvu' * args.kvu}; rounds: {args.rounds}")
+    print(header)
     print(table)
     if args.out:
-        write_out(args.out, raw, table)
+        write_out(args.out, raw, table, header)
     return 0
 
 
@@ -104,13 +104,6 @@ def ratio_table(speeds: dict) -> str:
                      f"{mean(ours['speed_pp']):.2f} | {pp_med:.3f} | {mean(nat['speed_tg']):.2f} | "
                      f"{mean(ours['speed_tg']):.2f} | {tg_med:.3f} | {tg_lo:.3f}-{tg_hi:.3f} |")
     return "\n".join(lines)
-
-
-def write_out(out: Path, raw: dict[str, list[dict]], table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "native.json").write_text(json.dumps(raw["native"], indent=1))
-    (out / "pyllm.json").write_text(json.dumps(raw["pyllm"], indent=1))
-    (out / "ratios.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -183,11 +183,12 @@ def ratio_table(native: dict, ours: dict) -> str:
     return "\n".join(lines)
 
 
-def write_out(out: Path, raw: dict[str, list[dict]], table: str) -> None:
+def write_out(out: Path, raw: dict[str, list[dict]], table: str, header: str | None = None) -> None:
+    """Both sides' raw rows and the ratio table (under ``header``, default: what each side ran on)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "native.json").write_text(json.dumps(raw["native"], indent=1))
     (out / "pyllm.json").write_text(json.dumps(raw["pyllm"], indent=1))
-    (out / "ratios.md").write_text(where(raw) + "\n\n" + table + "\n")
+    (out / "ratios.md").write_text((where(raw) if header is None else header) + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

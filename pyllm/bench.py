@@ -235,16 +235,16 @@ CSV_FIELDS = ("model", "model_size", "model_n_params", "backend", "n_threads", "
               "avg_ts", "stddev_ts", "kv_mib", "skipped")
 
 
-def format_csv(rows: Iterable[BenchRow]) -> str:
+def format_csv(rows: Iterable[BenchRow], fields: Sequence[str] = CSV_FIELDS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow(r.as_dict())
     return buf.getvalue()
 
 
-def format_json(rows: Iterable[BenchRow]) -> str:
+def format_json(rows: Iterable) -> str:
     return json.dumps([r.as_dict() for r in rows], indent=2)
 
 
@@ -445,16 +445,7 @@ BATCHED_CSV_FIELDS = ("model", "backend", "type_k", "type_v", "flash_attn", "fla
 
 
 def format_batched_csv(rows: Iterable[BatchedBenchRow]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=BATCHED_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r.as_dict())
-    return buf.getvalue()
+    return format_csv(rows, BATCHED_CSV_FIELDS)
 
 
-def format_batched_json(rows: Iterable[BatchedBenchRow]) -> str:
-    return json.dumps([r.as_dict() for r in rows], indent=2)
-
-
-BATCHED_FORMATS = {"md": format_batched_markdown, "csv": format_batched_csv, "json": format_batched_json}
+BATCHED_FORMATS = {"md": format_batched_markdown, "csv": format_batched_csv, "json": format_json}

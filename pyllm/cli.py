@@ -281,6 +281,22 @@ def _progress_bar(total: int, unit: str, enabled: bool):
     return tqdm(total=total, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True)
 
 
+def _with_progress(run, params, total: int, unit: str, enabled: bool):
+    """``run(params, progress=...)`` with a progress bar advanced once per labelled step."""
+    bar = _progress_bar(total, unit, enabled=enabled)
+
+    def progress(label: str) -> None:
+        if bar is not None:
+            bar.set_description(label)
+            bar.update(1)
+
+    try:
+        return run(params, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -317,18 +333,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
         n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions,
     )
-    bar = _progress_bar(len(params.tests()), "test", enabled=args.output != "json" and not args.no_progress)
-
-    def progress(label: str) -> None:
-        if bar is not None:
-            bar.set_description(label)
-            bar.update(1)
-
-    try:
-        rows = bench.run_bench(params, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    rows = _with_progress(bench.run_bench, params, len(params.tests()), "test",
+                          enabled=args.output != "json" and not args.no_progress)
     print(bench.FORMATS[args.output](rows))
     return 0
 
@@ -346,18 +352,8 @@ def _cmd_bench_batched(args: argparse.Namespace, env) -> int:
         n_gpu_layers=config.n_gpu_layers,
     )
     n_rows = len(params.rows()) * len(params.kv_pairs) * len(params.flash_attn)
-    bar = _progress_bar(n_rows, "row", enabled=args.output != "json" and not args.no_progress)
-
-    def progress(label: str) -> None:
-        if bar is not None:
-            bar.set_description(label)
-            bar.update(1)
-
-    try:
-        rows = bench.run_batched_bench(params, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    rows = _with_progress(bench.run_batched_bench, params, n_rows, "row",
+                          enabled=args.output != "json" and not args.no_progress)
     print(bench.BATCHED_FORMATS[args.output](rows))
     return 0
 
