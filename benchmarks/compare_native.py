@@ -30,24 +30,37 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE_SRC = ROOT / "benchmarks" / "native"
 
 
-def build_native(build_dir: Path) -> dict[str, Path]:
-    """Configure and build llama-bench and llama-perplexity (incremental; ccache where installed)."""
+# How the comparisons run pyllm: the installed package's CLI, in a fresh interpreter.
+PYLLM_CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
+
+
+def build_native(build_dir: Path, targets: tuple[str, ...] = ("llama-bench", "llama-perplexity")) -> dict[str, Path]:
+    """Configure and build llama.cpp's own tools (incremental; ccache where installed)."""
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     if not (build_dir / "CMakeCache.txt").exists():
         subprocess.run(["cmake", "-S", str(NATIVE_SRC), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", *gen],
                        check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-bench", "llama-perplexity", "-j",
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", *targets, "-j",
                     str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
-    return {name: build_dir / "bin" / name for name in ("llama-bench", "llama-perplexity")}
+    return {name: build_dir / "bin" / name for name in targets}
 
 
-def run_json(cmd: list[str]) -> list[dict]:
+def run_json(cmd: list[str], jsonl: bool = False) -> list[dict]:
+    """The rows a tool printed: one JSON array, or (``jsonl``) one JSON object per line."""
     # Run outside the source tree: a cwd on sys.path must not shadow the installed pyllm package.
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     text = proc.stdout
+    if jsonl:
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     return json.loads(text[text.index("["):])
+
+
+def paired_ratios(ours: list[float], native: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios pyllm/native."""
+    ratios = [a / b for a, b in zip(ours, native)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def test_name(row: dict) -> str:
@@ -71,8 +84,7 @@ def compare_perplexity(llama_perplexity: Path, args: argparse.Namespace) -> None
         if not m:
             raise SystemExit(f"llama-perplexity gave no estimate:\n{proc.stderr[-2000:]}")
         native = float(m.group(1))
-        ours = run_json_obj([sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())",
-                             "kv-eval", *common, "-ctk", "f16", "--json"])
+        ours = run_json_obj([*PYLLM_CLI, "kv-eval", *common, "-ctk", "f16", "--json"])
         ppl = ours["results"][0]["ppl"]
     diff = 100 * (ppl / native - 1)
     print(f"perplexity (f16, pydoc_data.topics, -c {args.ppl_ctx}, {args.ppl_chunks} chunks): "
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for kv in args.kv.split(","):
             kv_args = ["-ctk", kv, "-ctv", kv]
             order = [("native", [str(llama_bench), *common, *kv_args]),
-                     ("pyllm", [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())", "bench", *common, *kv_args, "--no-progress"])]
+                     ("pyllm", [*PYLLM_CLI, "bench", *common, *kv_args, "--no-progress"])]
             if rnd % 2:
                 order.reverse()
             for who, cmd in order:
@@ -165,17 +177,18 @@ def ratio_table(native: dict, ours: dict) -> str:
         n, o = native[key], ours.get(key, [])
         if len(o) != len(n):
             continue
-        ratios = [a / b for a, b in zip(o, n)]
+        med, lo, hi = paired_ratios(o, n)
         lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(n):.2f} | {statistics.fmean(o):.2f} | "
-                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
+                     f"{med:.3f} | {lo:.3f}-{hi:.3f} |")
     return "\n".join(lines)
 
 
-def write_out(out: Path, raw: dict[str, list[dict]], table: str) -> None:
+def write_out(out: Path, raw: dict[str, list[dict]], table: str, header: str | None = None) -> None:
+    """Both sides' raw rows and the ratio table (under ``header``, default: what each side ran on)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "native.json").write_text(json.dumps(raw["native"], indent=1))
     (out / "pyllm.json").write_text(json.dumps(raw["pyllm"], indent=1))
-    (out / "ratios.md").write_text(where(raw) + "\n\n" + table + "\n")
+    (out / "ratios.md").write_text((where(raw) if header is None else header) + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

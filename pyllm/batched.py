@@ -25,12 +25,13 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from pyllm._ffi import ffi, lib
-from pyllm.config import EngineConfig
+from pyllm.config import EngineConfig, check_bool, check_int
 from pyllm.context import Context, KVCacheBytes, _install_sigint_bridge
 from pyllm.engine import GREEDY, GenerationResult, StopReason, load_model
 from pyllm.errors import (
@@ -49,7 +50,7 @@ from pyllm.textstream import TextStream
 
 logger = logging.getLogger("pyllm")
 
-__all__ = ["BatchedEngine", "Request"]
+__all__ = ["BatchRun", "BatchedEngine", "Request"]
 
 _ids = itertools.count(1)
 
@@ -196,6 +197,15 @@ class Request:
 def _resolve(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+@dataclass
+class BatchRun:
+    """What ``BatchedEngine.run_together`` measured: one result per sequence and the two phases' times."""
+
+    results: list[GenerationResult]
+    prompt_ns: int     # every prompt decoded and each sequence's first token sampled
+    gen_ns: int        # the lock-step generation after it
 
 
 class _Slot:
@@ -402,6 +412,103 @@ class BatchedEngine:
         """submit() and wait for the result."""
         return self.submit(prompt, **kwargs).wait()
 
+    def run_together(self, prompts: Sequence[Union[str, Sequence[int]]], max_tokens: int, *,
+                     shared_prompt: bool = False) -> "BatchRun":
+        """Benchmarking hook with llama-batched-bench's two phases, through this engine's own step code.
+
+        Admits one greedy sequence per prompt at once (at most ``n_parallel``), decodes every prompt
+        first (in ``n_batch`` chunks, as one long batch would be; each sequence's first token sampled
+        from its prompt's last logits): ``prompt_ns``. Then every sequence generates in lock-step, one
+        token each per ``llama_decode``, until each has ``max_tokens`` tokens (end-of-generation is
+        ignored): ``gen_ns``, i.e. ``max_tokens - 1`` decodes of ``len(prompts)`` tokens. Runs on the
+        engine thread and needs it idle (nothing running); idle prefix caches are dropped first, so
+        every prompt is decoded in full. Each sequence holds exactly the cells it fills:
+        ``n_prompt + max_tokens - 1`` (the last token is sampled, never decoded).
+
+        ``shared_prompt`` (llama-batched-bench ``-pps``): all prompts are the same; it is decoded once
+        for the first sequence and its cells are copied to the others (``llama_memory_seq_cp``), which
+        start from its first token. Split KV (``kv_unified=False``) applies the copy with one untimed
+        dummy decode, as llama-batched-bench does.
+        """
+        if self._closed:
+            raise ClosedError("this BatchedEngine is closed")
+        check_bool("shared_prompt", shared_prompt)
+        n_seq = len(prompts)
+        check_int("number of prompts", n_seq, minimum=1, maximum=self.n_parallel, what=" (n_parallel)")
+        check_int("max_tokens", max_tokens, minimum=2 if shared_prompt else 1,
+                  what=" (shared_prompt: the copies start from the first token)" if shared_prompt else "")
+        toks = [self._prompt_tokens(p, False) for p in prompts]
+        if shared_prompt and any(t != toks[0] for t in toks):
+            raise ConfigError("shared_prompt=True needs the same prompt for every sequence")
+        n_max = max(len(t) for t in toks)
+        per_seq = n_max + max_tokens - 1
+        if self.kv_unified:
+            need = (n_max if shared_prompt else sum(len(t) for t in toks)) + n_seq * (max_tokens - 1)
+            where = f"n_ctx={self.n_ctx}"
+        else:
+            need, where = per_seq, f"n_ctx={self.n_ctx_seq} per sequence"
+        if per_seq > self.n_ctx_seq or need > (self.n_ctx if self.kv_unified else self.n_ctx_seq):
+            raise ContextFullError(f"{n_seq} sequences of {n_max} prompt tokens + {max_tokens - 1} decoded need "
+                                   f"{need} cells; they do not fit in {where}")
+        reqs = [Request(t, max_tokens, GREEDY, [], True, len(t) + max_tokens - 1) for t in toks]
+        with self._cond:
+            self._unfinished += n_seq
+            self._counters["requests_total"] += n_seq
+        try:
+            return self._call(lambda: self._run_together(reqs, shared_prompt), timeout=None)
+        finally:
+            for r in reqs:
+                if not r.done:  # the engine closed before the call ran
+                    self._finish_unadmitted(r, "cancelled")
+
+    def _run_together(self, reqs: list[Request], shared: bool) -> "BatchRun":
+        if self._active:
+            raise ConfigError(f"run_together needs an idle engine; {len(self._active)} requests are running")
+        self._evict_idle()
+        try:
+            first = reqs[0]
+            for r, slot in zip(reqs[:1] if shared else reqs, self._slots):
+                self._bind(r, slot, 0)
+            t0 = time.perf_counter_ns()
+            while any(r._slot is not None and r._pending < 0 for r in reqs):
+                self._decode_step(generate=False)
+            t1 = time.perf_counter_ns()
+            if shared and first._slot is not None:
+                n = first.n_prompt
+                for r, slot in zip(reqs[1:], self._slots[1:]):
+                    lib.llama_memory_seq_cp(self._mem, first._slot.seq, slot.seq, -1, -1)
+                    slot.cached = list(first.prompt_tokens)
+                    self._bind(r, slot, n)
+                    self._on_token(r, first._pending)  # the shared prompt's first token
+                if not self.kv_unified and len(reqs) > 1:
+                    self._apply_copies(first, n)
+                t1 = time.perf_counter_ns()
+            while any(r._slot is not None for r in reqs):
+                self._decode_step()
+            t2 = time.perf_counter_ns()
+        finally:
+            for r in reqs:
+                if r._slot is not None:  # an exception above: nothing of this run stays admitted
+                    self._finish(r, "error", free=True)
+            self._refresh_snapshot()
+        for r in reqs:
+            res = r.result
+            if res is not None and res.stop_reason == "aborted":
+                raise KeyboardInterrupt
+            if res is None or res.stop_reason != "max_tokens":
+                raise DecodeError(f"run_together: sequence {r.seq_id} ended with "
+                                  f"{res.stop_reason if res else 'no result'} after {len(r.token_ids)} tokens"
+                                  + (f": {res.error}" if res is not None and res.error else ""))
+        return BatchRun([r.result for r in reqs], prompt_ns=t1 - t0, gen_ns=t2 - t1)
+
+    def _apply_copies(self, first: Request, n: int) -> None:
+        """Split KV streams copy sequences on the next decode: run one dummy token (llama-batched-bench)."""
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = first._pending, n, 1, first._slot.seq, 1
+        b.n_tokens = 1
+        check_decode(lib.llama_decode(self._ctx_ptr, b[0]), "the dummy token that applies the KV copies")
+        lib.llama_memory_seq_rm(self._mem, first._slot.seq, n, -1)
+
     def _prompt_tokens(self, prompt: Union[str, Sequence[int]], parse_special: bool) -> list[int]:
         if isinstance(prompt, str):
             if prompt == "":
@@ -535,7 +642,11 @@ class BatchedEngine:
                         break
                     cached -= len(s.cached)
                     self._clear_slot(s)
-        keep = self._trim_slot(slot, keep)
+        self._bind(req, slot, self._trim_slot(slot, keep))
+        return True
+
+    def _bind(self, req: Request, slot: _Slot, keep: int) -> None:
+        """Admit ``req`` into ``slot`` whose first ``keep`` cached tokens are its prompt's."""
         req._slot, slot.req = slot, req
         req.seq_id = slot.seq
         req._pos = keep
@@ -548,7 +659,6 @@ class BatchedEngine:
         with self._cond:
             self._counters["prompt_tokens_total"] += req.n_prompt
             self._counters["prompt_tokens_cached_total"] += keep
-        return True
 
     def _trim_slot(self, slot: _Slot, keep: int) -> int:
         """Keep the first ``keep`` cached tokens of a slot; returns how many stay usable."""
@@ -578,12 +688,14 @@ class BatchedEngine:
     def _evict_idle(self) -> int:
         return sum(self._clear_slot(s) for s in self._slots if s.req is None and s.cached)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, generate: bool = True) -> None:
+        """One llama_decode: the generating sequences' next tokens (unless ``generate`` is False, as in
+        run_together's prompt phase) and prompt chunks; then each finished row's token is sampled."""
         b, sub = self._batch, self._sub
         rows: list[tuple[Request, int]] = []
         prefill: list[tuple[Request, int]] = []
         i = 0
-        gen = [r for r in self._active if r._pending >= 0]
+        gen = [r for r in self._active if r._pending >= 0] if generate else []
         for r in gen:
             b.token[i] = r._pending
             b.pos[i] = r._pos

@@ -21,11 +21,12 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from pyllm.config import EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type, check_threads
+from pyllm.batched import BatchedEngine
+from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type,
+                          check_threads)
 from pyllm.context import default_threads, validate_kv_types
-from pyllm.devices import resolve_gpu_layers
-from pyllm.engine import GREEDY, Engine
-from pyllm.errors import KVCacheConfigError, PyllmError
+from pyllm.engine import GREEDY, Engine, gpu_layers_for
+from pyllm.errors import ConfigError, ContextFullError, KVCacheConfigError, PyllmError
 from pyllm.model import Model
 from pyllm.placement import Placement
 
@@ -120,17 +121,19 @@ def skip_reason(type_k: str, type_v: str, fa: str, model: Model) -> Optional[str
     return None
 
 
-def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = None) -> list[BenchRow]:
-    """Run every test of the matrix; impossible combinations come back as skipped rows."""
+def _setup(params) -> tuple[str, int, int, np.random.Generator]:
+    """What both benchmarks settle first: the backend name, threads, -ngl and the random tokens' source."""
     from pyllm.buildinfo import build_info
 
     backend = ",".join(b for b in build_info()["backends"] if b != "CPU") or "CPU"
-    threads = params.n_threads or default_threads()
-    ngl = resolve_gpu_layers(params.n_gpu_layers)
-    rng = np.random.default_rng(params.seed)
+    return (backend, params.n_threads or default_threads(), gpu_layers_for(params.n_gpu_layers, params.placement),
+            np.random.default_rng(params.seed))
+
+
+def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = None) -> list[BenchRow]:
+    """Run every test of the matrix; impossible combinations come back as skipped rows."""
+    backend, threads, ngl, rng = _setup(params)
     rows: list[BenchRow] = []
-    if params.n_gpu_layers is None and params.placement is not None and params.placement.rpc_servers:
-        ngl = 99  # the rule of pyllm.engine.gpu_layers_of: with RPC servers, every layer is offloaded
     with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
         n_vocab = model.n_vocab
         first = [model.bos] if model.add_bos else []
@@ -237,18 +240,213 @@ CSV_FIELDS = ("model", "model_size", "model_n_params", "backend", "n_threads", "
               "avg_ts", "stddev_ts", "kv_mib", "skipped")
 
 
-def format_csv(rows: Iterable[BenchRow]) -> str:
+def format_csv(rows: Iterable[BenchRow], fields: Sequence[str] = CSV_FIELDS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow(r.as_dict())
     return buf.getvalue()
 
 
-def format_json(rows: Iterable[BenchRow]) -> str:
+def format_json(rows: Iterable) -> str:
     return json.dumps([r.as_dict() for r in rows], indent=2)
 
 
 FORMATS = {"md": format_markdown, "csv": format_csv, "json": format_json}
 
+
+
+# ---- batched: llama-batched-bench's table through the batched engine ----
+@dataclass
+class BatchedBenchRow:
+    """One row of llama-batched-bench: PP prompt tokens and TG generated tokens in each of PL sequences.
+
+    Keys as llama-batched-bench's JSONL output (``--output-format jsonl``), plus what pyllm adds."""
+
+    model: str
+    backend: str
+    type_k: str
+    type_v: str
+    flash_attn: str                   # requested: on | off | auto
+    flash_attn_effective: bool
+    kv_unified: bool
+    n_kv_max: int
+    n_batch: int
+    n_ubatch: int
+    is_pp_shared: bool
+    n_gpu_layers: int
+    n_threads: int
+    n_threads_batch: int
+    pp: int
+    tg: int
+    pl: int
+    n_kv: int
+    t_pp: float = 0.0                 # seconds: every prompt decoded (first tokens sampled)
+    t_tg: float = 0.0                 # seconds: tg lock-step decodes of pl tokens, each sampled
+    skipped: Optional[str] = None
+
+    @property
+    def n_pp_decoded(self) -> int:
+        return self.pp if self.is_pp_shared else self.pl * self.pp
+
+    @property
+    def t(self) -> float:
+        return self.t_pp + self.t_tg
+
+    @property
+    def speed_pp(self) -> float:
+        return self.n_pp_decoded / self.t_pp if self.t_pp else 0.0
+
+    @property
+    def speed_tg(self) -> float:
+        return self.pl * self.tg / self.t_tg if self.t_tg else 0.0
+
+    @property
+    def speed(self) -> float:
+        return (self.n_pp_decoded + self.pl * self.tg) / self.t if self.t else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(t=self.t, speed_pp=self.speed_pp, speed_tg=self.speed_tg, speed=self.speed)
+        return d
+
+
+def batched_n_kv(pp: int, tg: int, pl: int, shared: bool, kv_unified: bool) -> int:
+    """KV cells a row fills, llama-batched-bench's ``n_ctx_req`` (its N_KV column): a shared prompt is
+    stored once in a unified cache, once per sequence in split streams."""
+    return ((pp if kv_unified else pl * pp) + pl * tg) if shared else pl * (pp + tg)
+
+
+@dataclass
+class BatchedBenchParams:
+    model_path: str
+    n_pp: Sequence[int] = (128, 512)
+    n_tg: Sequence[int] = (128,)
+    n_pl: Sequence[int] = (1, 2, 4, 8, 16, 32)
+    shared_prompt: bool = False               # -pps
+    kv_unified: bool = False                  # -kvu (llama-batched-bench's default: split streams)
+    n_ctx: int = 0                            # -c; 0: the model's training context (llama-batched-bench)
+    kv_pairs: Sequence[tuple[str, str]] = (("f16", "f16"),)
+    flash_attn: Sequence[str] = ("auto",)
+    n_batch: Optional[int] = None             # None: min(2048, n_ctx), as EngineConfig
+    n_ubatch: Optional[int] = None            # None: min(512, n_batch)
+    n_threads: Optional[int] = None
+    n_gpu_layers: Optional[int] = None
+    placement: Optional[Placement] = None   # split mode, tensor split, main GPU, RPC servers
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        self.kv_pairs = tuple((check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in self.kv_pairs)
+        self.flash_attn = tuple(check_flash_attn("-fa", fa) for fa in self.flash_attn)
+        if self.n_batch is None:
+            self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if isinstance(self.n_ctx, int) and self.n_ctx else DEFAULT_N_BATCH
+        if self.n_ubatch is None:
+            self.n_ubatch = min(DEFAULT_N_UBATCH, self.n_batch)
+        for flag, values in (("-npp", self.n_pp), ("-ntg", self.n_tg), ("-npl", self.n_pl)):
+            if not values:
+                raise ConfigError(f"{flag} is empty; expected a comma-separated list of integers")
+            for v in values:
+                check_int(flag, v, minimum=1, maximum=256 if flag == "-npl" else INT32_MAX)
+        check_int("-c", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
+        check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
+        check_threads("-t", self.n_threads)
+
+    def rows(self) -> list[tuple[int, int, int]]:
+        """(pp, tg, pl) in llama-batched-bench's order."""
+        return list(itertools.product(self.n_pp, self.n_tg, self.n_pl))
+
+
+def run_batched_bench(params: BatchedBenchParams, progress: Optional[Callable[[str], None]] = None
+                      ) -> list[BatchedBenchRow]:
+    """llama-batched-bench's rows through BatchedEngine.run_together (its step code, greedy sampling,
+    detokenization). One engine per K/V pair and -fa value with ``n_parallel = max(-npl)`` and the
+    context ``-c``; rows whose N_KV exceed that context are left out, as llama-batched-bench does."""
+    backend, threads, ngl, rng = _setup(params)
+    out: list[BatchedBenchRow] = []
+    with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
+        for (k, v), fa in itertools.product(params.kv_pairs, params.flash_attn):
+            cfg = EngineConfig(model_path=params.model_path, n_ctx=params.n_ctx, n_batch=params.n_batch,
+                               n_ubatch=params.n_ubatch, n_threads=threads, n_threads_batch=threads, flash_attn=fa,
+                               kv_cache_type_k=k, kv_cache_type_v=v, n_gpu_layers=ngl,
+                               n_parallel=max(params.n_pl), kv_unified=params.kv_unified)
+            base = dict(model=model.desc, backend=backend, type_k=k, type_v=v, flash_attn=fa,
+                        flash_attn_effective=False, kv_unified=params.kv_unified, n_kv_max=0,
+                        n_batch=params.n_batch, n_ubatch=params.n_ubatch, is_pp_shared=params.shared_prompt,
+                        n_gpu_layers=ngl, n_threads=threads, n_threads_batch=threads)
+            reason = skip_reason(k, v, fa, model)
+            try:
+                engine = None if reason else BatchedEngine(cfg, model=model, max_queue=0, cache_prompt=False)
+            except PyllmError as exc:
+                reason = str(exc)
+            if engine is None:
+                out += [BatchedBenchRow(**base, pp=pp, tg=tg, pl=pl, n_kv=0, skipped=reason)
+                        for pp, tg, pl in params.rows()]
+                continue
+            with engine:
+                base.update(n_kv_max=engine.n_ctx, n_batch=engine.n_batch, n_ubatch=engine.n_ubatch,
+                            flash_attn_effective=engine.context.flash_attn)
+                # warm-up, as llama-batched-bench: 16 random tokens in one sequence
+                engine.run_together([rng.integers(0, model.n_vocab, 16).tolist()], 1)
+                for pp, tg, pl in params.rows():
+                    n_kv = batched_n_kv(pp, tg, pl, params.shared_prompt, engine.kv_unified)
+                    if n_kv > engine.n_ctx:
+                        continue
+                    if progress:
+                        progress(f"{k}/{v} fa={fa} pp={pp} tg={tg} pl={pl}")
+                    row = BatchedBenchRow(**base, pp=pp, tg=tg, pl=pl, n_kv=n_kv)
+                    out.append(row)
+                    n_prompts = 1 if params.shared_prompt else pl
+                    prompts = [rng.integers(0, model.n_vocab, pp).tolist() for _ in range(n_prompts)]
+                    if params.shared_prompt:
+                        prompts *= pl
+                    try:
+                        # tg + 1 tokens: the first comes from the prompt's logits, then tg decodes
+                        run = engine.run_together(prompts, tg + 1, shared_prompt=params.shared_prompt)
+                    except ContextFullError as exc:  # split streams too small for one sequence
+                        row.skipped = str(exc)
+                        continue
+                    row.t_pp, row.t_tg = run.prompt_ns / 1e9, run.gen_ns / 1e9
+    return out
+
+
+def format_batched_markdown(rows: Iterable[BatchedBenchRow]) -> str:
+    """llama-batched-bench's table, one per engine (K/V pair and -fa), each under its settings line."""
+    out: list[str] = []
+    key = None
+    for r in rows:
+        k = (r.type_k, r.type_v, r.flash_attn)
+        if k != key:
+            key = k
+            if out:
+                out.append("")
+            out.append(f"model: {r.model}; backend: {r.backend}; K {r.type_k} / V {r.type_v}")
+            out.append(f"n_kv_max = {r.n_kv_max}, n_batch = {r.n_batch}, n_ubatch = {r.n_ubatch}, "
+                       f"flash_attn = {r.flash_attn} ({'on' if r.flash_attn_effective else 'off'}), "
+                       f"is_pp_shared = {int(r.is_pp_shared)}, kv_unified = {int(r.kv_unified)}, "
+                       f"n_gpu_layers = {r.n_gpu_layers}, n_threads = {r.n_threads}, "
+                       f"n_threads_batch = {r.n_threads_batch}")
+            out.append("")
+            out.append("|%6s | %6s | %4s | %6s | %8s | %8s | %8s | %8s | %8s | %8s |"
+                       % ("PP", "TG", "B", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s", "T s", "S t/s"))
+            out.append("|%6s-|-%6s-|-%4s-|-%6s-|-%8s-|-%8s-|-%8s-|-%8s-|-%8s-|-%8s-|"
+                       % ("------", "------", "----", "------", "--------", "--------", "--------", "--------",
+                          "--------", "--------"))
+        if r.skipped:
+            out.append(f"|%6d | %6d | %4d | skipped: {r.skipped} |" % (r.pp, r.tg, r.pl))
+        else:
+            out.append("|%6d | %6d | %4d | %6d | %8.3f | %8.2f | %8.3f | %8.2f | %8.3f | %8.2f |"
+                       % (r.pp, r.tg, r.pl, r.n_kv, r.t_pp, r.speed_pp, r.t_tg, r.speed_tg, r.t, r.speed))
+    return "\n".join(out)
+
+
+BATCHED_CSV_FIELDS = ("model", "backend", "type_k", "type_v", "flash_attn", "flash_attn_effective", "kv_unified",
+                      "n_kv_max", "n_batch", "n_ubatch", "is_pp_shared", "n_gpu_layers", "n_threads", "pp", "tg",
+                      "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed", "skipped")
+
+
+def format_batched_csv(rows: Iterable[BatchedBenchRow]) -> str:
+    return format_csv(rows, BATCHED_CSV_FIELDS)
+
+
+BATCHED_FORMATS = {"md": format_batched_markdown, "csv": format_batched_csv, "json": format_json}

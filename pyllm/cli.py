@@ -299,6 +299,22 @@ def _progress_bar(total: int, unit: str, enabled: bool):
     return tqdm(total=total, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True)
 
 
+def _with_progress(run, params, total: int, unit: str, enabled: bool):
+    """``run(params, progress=...)`` with a progress bar advanced once per labelled step."""
+    bar = _progress_bar(total, unit, enabled=enabled)
+
+    def progress(label: str) -> None:
+        if bar is not None:
+            bar.set_description(label)
+            bar.update(1)
+
+    try:
+        return run(params, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -318,8 +334,16 @@ LIST_FIELDS = ("model_path", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads")
 def cmd_bench(args: argparse.Namespace) -> int:
     from pyllm import bench
     from pyllm.engine import placement_of
+    from pyllm.errors import ConfigError
 
     env = _environment(args)
+    if args.batched:
+        return _cmd_bench_batched(args, env)
+    for flag, value in (("-c", args.n_ctx), ("-npp", args.n_pp), ("-ntg", args.n_tg), ("-npl", args.n_pl),
+                        ("-pps", args.shared_prompt or None), ("-kvu", args.kv_unified or None)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to pyllm bench --batched only; llama-bench's tests size their own "
+                              "contexts (-p, -n, -d)")
     config = _config_from_args(args, env, n_ctx=0)
     params = bench.BenchParams(
         model_path=_model_path(config), n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
@@ -328,19 +352,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
         n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions, placement=placement_of(config),
     )
-    bar = _progress_bar(len(params.tests()), "test", enabled=args.output != "json" and not args.no_progress)
-
-    def progress(label: str) -> None:
-        if bar is not None:
-            bar.set_description(label)
-            bar.update(1)
-
-    try:
-        rows = bench.run_bench(params, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    rows = _with_progress(bench.run_bench, params, len(params.tests()), "test",
+                          enabled=args.output != "json" and not args.no_progress)
     print(bench.FORMATS[args.output](rows))
+    return 0
+
+
+def _cmd_bench_batched(args: argparse.Namespace, env) -> int:
+    from pyllm import bench
+    from pyllm.engine import placement_of
+
+    config = _config_from_args(args, env)
+    params = bench.BatchedBenchParams(
+        model_path=_model_path(config), n_pp=args.n_pp or [128, 512], n_tg=args.n_tg or [128],
+        n_pl=args.n_pl or [1, 2, 4, 8, 16, 32], shared_prompt=args.shared_prompt, kv_unified=args.kv_unified,
+        n_ctx=config.n_ctx, kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
+        flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
+        n_gpu_layers=config.n_gpu_layers, placement=placement_of(config),
+    )
+    n_rows = len(params.rows()) * len(params.kv_pairs) * len(params.flash_attn)
+    rows = _with_progress(bench.run_batched_bench, params, n_rows, "row",
+                          enabled=args.output != "json" and not args.no_progress)
+    print(bench.BATCHED_FORMATS[args.output](rows))
     return 0
 
 
@@ -355,6 +389,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
         placement=placement_of(config),
+        n_parallel=config.n_parallel, kv_unified=not args.no_kv_unified,
     )
     print(result.to_json() if args.json else plan.format_table(result))
     if args.plot:
@@ -438,9 +473,11 @@ def _add_generate_parser(sub) -> None:
 
 
 def _add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix)",
+    p = sub.add_parser("bench", help="llama-bench's tests through pyllm's engine (KV type matrix); "
+                                     "--batched: llama-batched-bench's through the batched engine",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS + SPLIT_FIELDS, kv_lists=True, help_defaults={"kv_cache_type_k": "f16"})
+    _add_model_args(p, LIST_FIELDS + ("n_ctx",) + SPLIT_FIELDS, kv_lists=True,
+                    help_defaults={"kv_cache_type_k": "f16", "n_ctx": "--batched only; 0: the training context"})
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt-processing test sizes (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation test sizes (default 128)")
     p.add_argument("-d", "--n-depth", type=_int_list, default=[0], help="KV cache depth before each test (default 0)")
@@ -448,7 +485,17 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5)
     p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench)
+    g = p.add_argument_group("--batched: llama-batched-bench's table (PP, TG, B, N_KV, T_PP, S_PP, T_TG, S_TG, T, S)")
+    g.add_argument("--batched", action="store_true",
+                   help="many sequences at once through the batched engine, as llama-batched-bench")
+    g.add_argument("-npp", dest="n_pp", type=_int_list, help="prompt tokens per sequence (default 128,512)")
+    g.add_argument("-ntg", dest="n_tg", type=_int_list, help="generated tokens per sequence (default 128)")
+    g.add_argument("-npl", dest="n_pl", type=_int_list, help="sequences at once (default 1,2,4,8,16,32)")
+    g.add_argument("-pps", dest="shared_prompt", action="store_true",
+                   help="one prompt shared by all sequences (decoded once, its cells copied)")
+    g.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true",
+                   help="one KV pool shared by all sequences (default: n_ctx / max(-npl) each, as llama-batched-bench)")
+    p.set_defaults(func=cmd_bench, _defaults={"n_ctx": 0})
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
@@ -476,8 +523,12 @@ def _add_rpc_server_parser(sub) -> None:
 def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="how much context fits in a memory budget, per KV type pair (metadata only)",
                        description=KV_LISTS_HELP)
-    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn") + SPLIT_FIELDS, kv_lists=True,
-                    help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context"})
+    _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn", "n_parallel") + SPLIT_FIELDS, kv_lists=True,
+                    help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context",
+                                   "n_parallel": "1; N > 1 adds how many -c sequences fit at once and how long "
+                                                 "each of N can be"})
+    p.add_argument("-no-kvu", "--no-kv-unified", action="store_true",
+                   help="with -np: n_ctx / n_parallel cells per sequence (llama.cpp's split KV) instead of one pool")
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
                                     "(default: the GPU's free memory, else system RAM)")
     p.add_argument("--json", action="store_true")

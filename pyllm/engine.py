@@ -81,9 +81,13 @@ def load_model(config: EngineConfig) -> Model:
 
 def gpu_layers_of(config: EngineConfig) -> int:
     """-ngl as given; without it, every layer where a GPU is visible or RPC servers are given, else 0."""
-    if config.n_gpu_layers is None and config.rpc_servers:
+    return gpu_layers_for(config.n_gpu_layers, placement_of(config))
+
+
+def gpu_layers_for(n_gpu_layers: Optional[int], placement: Optional[Placement]) -> int:
+    if n_gpu_layers is None and placement is not None and placement.rpc_servers:
         return 99
-    return resolve_gpu_layers(config.n_gpu_layers)
+    return resolve_gpu_layers(n_gpu_layers)
 
 
 def placement_of(config: EngineConfig) -> Placement:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from pyllm.context import Context, validate_kv_types
 from pyllm.errors import ConfigError, PyllmError
-from pyllm.config import check_batch_sizes, check_int, check_kv_type
+from pyllm.config import check_batch_sizes, check_bool, check_int, check_kv_type
 from pyllm.model import Model
 from pyllm.placement import Placement
 
@@ -68,6 +68,25 @@ class PlanRow:
     error: Optional[str] = None
 
 
+LLAMA_MAX_SEQ = 256
+
+
+@dataclass
+class ConcurrencyRow:
+    type_k: str
+    type_v: str
+    seq_len: int                     # tokens per sequence asked about (-c, else n_ctx_train)
+    n_parallel: int                  # -np
+    kv_unified: bool
+    kv_bytes: int                    # KV cache of n_parallel sequences of seq_len
+    total_bytes: int                 # weights + KV + compute of n_parallel sequences of seq_len
+    fits: bool                       # total_bytes <= budget
+    max_seqs: int                    # sequences of seq_len that fit together (at most LLAMA_MAX_SEQ)
+    max_seq_len: int                 # longest sequence when n_parallel run together (multiple of 256)
+    n_ctx_train: int
+    error: Optional[str] = None
+
+
 @dataclass
 class Plan:
     model: str
@@ -78,6 +97,7 @@ class Plan:
     rows: list[PlanRow]
     curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # "k/v" -> [(n_ctx, total bytes)]
     model_devices: list[str] = field(default_factory=list)   # the split's devices, in order (RPC servers first)
+    concurrency: list[ConcurrencyRow] = field(default_factory=list)       # with -np N
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -101,10 +121,14 @@ class Planner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def measure(self, n_ctx: int, type_k: str, type_v: str) -> tuple[Measure, bool]:
+    def measure(self, n_ctx: int, type_k: str, type_v: str, *, n_seq_max: int = 1,
+                kv_unified: bool = True) -> tuple[Measure, bool]:
+        """A context of ``n_ctx`` cells in all (``n_seq_max`` sequences sharing them, or ``n_ctx /
+        n_seq_max`` each with ``kv_unified=False``), as llama.cpp would allocate it."""
         n_batch = min(self.n_batch, n_ctx)
         with Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(self.n_ubatch, n_batch),
-                     flash_attn=self.flash_attn, type_k=type_k, type_v=type_v, no_perf=True) as ctx:
+                     flash_attn=self.flash_attn, type_k=type_k, type_v=type_v, no_perf=True,
+                     n_seq_max=n_seq_max, kv_unified=kv_unified) as ctx:
             rows = ctx.memory_breakdown()
             m = Measure(n_ctx=ctx.n_ctx, weights=sum(r["model"] for r in rows), kv=sum(r["context"] for r in rows),
                         compute=sum(r["compute"] for r in rows),
@@ -172,6 +196,63 @@ class Planner:
         return lo
 
 
+    def concurrency(self, type_k: str, type_v: str, seq_len: int, n_parallel: int, budget: int,
+                    kv_unified: bool = True) -> "ConcurrencyRow":
+        """How many sequences of ``seq_len`` tokens fit the budget together, and how long each of
+        ``n_parallel`` sequences can be: contexts of ``n * length`` cells with ``n_seq_max = n``, each
+        measured by llama.cpp (weights + KV + compute, output buffers of n sequences included)."""
+        def total(n_seq: int, length: int) -> int:
+            m, _ = self.measure(n_seq * length, type_k, type_v, n_seq_max=n_seq, kv_unified=kv_unified)
+            return m.total
+
+        at = total(n_parallel, seq_len)
+        one = total(1, seq_len)
+        max_seqs = _largest(lambda n: total(n, seq_len) <= budget, LLAMA_MAX_SEQ,
+                            guess=max(1, int(budget / max(1, one)) if one <= budget else 0))
+        # lengths in granules: llama.cpp pads each split stream (and the pool) to 256 cells
+        per_granule = max(1, (total(n_parallel, seq_len + GRANULE) - at) // GRANULE) if at else 1
+        guess = max(1, (seq_len + (budget - at) // per_granule // n_parallel) // GRANULE)
+        units = _largest(lambda u: total(n_parallel, u * GRANULE) <= budget, MAX_SEARCH_CTX // GRANULE // n_parallel,
+                         guess=guess)
+        m, _ = self.measure(n_parallel * seq_len, type_k, type_v, n_seq_max=n_parallel, kv_unified=kv_unified)
+        return ConcurrencyRow(type_k=type_k, type_v=type_v, seq_len=seq_len, n_parallel=n_parallel,
+                              kv_unified=kv_unified, kv_bytes=m.kv, total_bytes=m.total, fits=m.total <= budget,
+                              max_seqs=max_seqs, max_seq_len=units * GRANULE, n_ctx_train=self.model.n_ctx_train)
+
+
+def _largest(ok, limit: int, guess: int = 1) -> int:
+    """Largest n in [1, limit] with ok(n) (ok is monotone: true up to some n, false after); 0 if none."""
+    guess = max(1, min(limit, guess))
+    if ok(guess):
+        lo, hi, step = guess, None, 1
+        while hi is None:
+            n = min(limit, lo + step)
+            if n == lo:
+                return lo
+            if ok(n):
+                lo, step = n, step * 2
+            else:
+                hi = n
+    else:
+        if guess == 1:
+            return 0
+        lo, hi = 0, guess
+        step = 1
+        while True:  # gallop down: the linear guess is usually close
+            n = max(1, hi - step)
+            if ok(n):
+                lo = n
+                break
+            hi = n
+            if n == 1:
+                return 0
+            step *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
 def gpu_budget() -> tuple[int, str]:
     from pyllm.devices import gpus
 
@@ -196,7 +277,9 @@ def default_budget() -> tuple[int, str]:
 
 def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f16"),), n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
               n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False,
-              placement: Optional[Placement] = None) -> Plan:
+              placement: Optional[Placement] = None, n_parallel: int = 1, kv_unified: bool = True) -> Plan:
+    """The plan of one model for each K/V pair. ``n_parallel`` > 1 adds the concurrency table: how many
+    sequences of ``n_ctx`` tokens fit together, and how long each of ``n_parallel`` sequences can be."""
     if memory is None:
         budget, source = default_budget()
     elif str(memory).strip().lower() == "gpu":
@@ -206,6 +289,8 @@ def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f
     pairs = [(check_kv_type("-ctk", k), check_kv_type("-ctv", v)) for k, v in pairs]
     check_int("-c", n_ctx, minimum=0, what=" (0 = the model's training context)")
     check_batch_sizes(0, n_batch, n_ubatch)
+    check_int("-np", n_parallel, minimum=1, maximum=LLAMA_MAX_SEQ)
+    check_bool("kv_unified", kv_unified)
     with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
                  flash_attn=flash_attn, placement=placement) as planner:
         plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget, budget_source=source,
@@ -216,11 +301,17 @@ def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f
             except PyllmError as exc:
                 plan.rows.append(PlanRow(k, v, n_ctx, 0, 0, 0, 0, 0, 0, 0, planner.model.n_ctx_train, False,
                                          error=str(exc)))
+                if n_parallel > 1:
+                    plan.concurrency.append(ConcurrencyRow(k, v, n_ctx, n_parallel, kv_unified, 0, 0, False, 0, 0,
+                                                           planner.model.n_ctx_train, error=str(exc)))
                 continue
             curve: Optional[list] = [] if curves else None
             plan.rows.append(planner.row(k, v, n_ctx, budget, curve))
             if curve is not None:
                 plan.curves[f"{k}/{v}"] = sorted(set(curve))
+            if n_parallel > 1:
+                plan.concurrency.append(planner.concurrency(k, v, n_ctx or planner.model.n_ctx_train, n_parallel,
+                                                            budget, kv_unified))
         return plan
 
 
@@ -245,6 +336,26 @@ def format_table(plan: Plan) -> str:
         lines.append(f"| {r.type_k} | {r.type_v} | {r.kv_bytes_per_token:,.0f} | {r.n_ctx:,} | {_mib(r.kv_bytes)} | "
                      f"{_mib(r.weights_bytes)} | {_mib(r.compute_bytes)} | {_mib(r.total_bytes)} | {cap} | {unc} |")
     lines += format_devices(plan)
+    if plan.concurrency:
+        c0 = plan.concurrency[0]
+        n, L = c0.n_parallel, c0.seq_len
+        kv = "one KV pool shared by all sequences" if c0.kv_unified else "n_ctx / n_parallel cells each (split KV)"
+        lines += [
+            "",
+            f"concurrent sequences ({kv}):",
+            "",
+            f"| type_k | type_v | KV MiB per {L:,}-token sequence | sequences of {L:,} tokens that fit | "
+            f"total MiB with {n} x {L:,} | longest sequence with {n} at once |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for c in plan.concurrency:
+            if c.error:
+                lines.append(f"| {c.type_k} | {c.type_v} | {c.error} | | | |")
+                continue
+            seqs = (">= " if c.max_seqs >= LLAMA_MAX_SEQ else "") + f"{c.max_seqs}"
+            total = _mib(c.total_bytes) + ("" if c.fits else " (over budget)")
+            longest = f"{c.max_seq_len:,}" + (f" (n_ctx_train {c.n_ctx_train:,})" if c.max_seq_len > c.n_ctx_train > 0 else "")
+            lines.append(f"| {c.type_k} | {c.type_v} | {_mib(c.kv_bytes / c.n_parallel)} | {seqs} | {total} | {longest} |")
     return "\n".join(lines)
 
 
