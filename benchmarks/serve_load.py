@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -149,9 +150,10 @@ def server_argv(name: str, args: argparse.Namespace, llama_server: Optional[Path
     if name == "pyllm":
         # kv_unified is pyllm's default (one pool); its queue must hold every waiting client.
         return lambda port: [*PYLLM_CLI, "serve", *common, "--port", str(port),
-                             "--max-queue", str(max(64, 2 * max(args.clients)))]
+                             "--max-queue", str(max(64, 2 * max(args.clients))), *shlex.split(args.pyllm_args)]
     # -kvu: one KV pool shared by the slots, as pyllm's (llama-server splits n_ctx per slot without it).
-    return lambda port: [str(llama_server), *common, "--port", str(port), "-kvu", "--no-webui"]
+    return lambda port: [str(llama_server), *common, "--port", str(port), "-kvu", "--no-webui",
+                         *shlex.split(args.llama_server_args)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +349,8 @@ def describe(meta: dict) -> str:
             f"-ctk {meta['ctk']} -ctv {meta['ctv']} -fa {meta['fa']} -t {meta['threads']} -ngl {meta['ngl']}, "
             f"unified KV; {meta['requests_per_client']} requests per client, prompt lengths {meta['prompt_lens']}, "
             f"output lengths {meta['output_lens']} (ignore_eos), temperature {meta['temperature']}; "
-            f"{meta['rounds']} alternating rounds per N; ratios are pyllm/llama-server, median of paired rounds")
+            f"{meta['rounds']} alternating rounds per N; ratios are pyllm/llama-server, median of paired rounds"
+            + "".join(f"; {k.replace('_', '-')}: {meta[k]!r}" for k in ("pyllm_args", "llama_server_args") if meta.get(k)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +391,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--servers", default=",".join(SERVERS), help="which servers to measure (default: both)")
     ap.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     ap.add_argument("--llama-server", type=Path, help="use this llama-server instead of building one")
+    ap.add_argument("--pyllm-args", default="", help="more flags for pyllm serve (one string)")
+    ap.add_argument("--llama-server-args", default="",
+                    help="more flags for llama-server (one string), e.g. '--cache-ram 0' (its defaults otherwise)")
     ap.add_argument("--out", type=Path, help="write serve_load.md, serve_load.json and the servers' logs here")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     ap.add_argument("--corpus-chars", type=int, default=400_000, help="characters of pydoc topics to tokenize")
