@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_native import PYLLM_CLI, ROOT, build_native, paired_ratios, run_json, write_out  # noqa: E402
+from benchlib import ratio_summary  # noqa: E402
+from compare_native import PYLLM_CLI, ROOT, build_native, run_json, write_out  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +98,8 @@ def ratio_table(speeds: dict) -> str:
         ours = speeds["pyllm"].get(key)
         if not ours or len(ours["speed_tg"]) != len(nat["speed_tg"]):
             continue
-        pp_med, _, _ = paired_ratios(ours["speed_pp"], nat["speed_pp"])
-        tg_med, tg_lo, tg_hi = paired_ratios(ours["speed_tg"], nat["speed_tg"])
+        pp_med, _, _ = ratio_summary(ours["speed_pp"], nat["speed_pp"])
+        tg_med, tg_lo, tg_hi = ratio_summary(ours["speed_tg"], nat["speed_tg"])
         mean = statistics.fmean
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {mean(nat['speed_pp']):.2f} | "
                      f"{mean(ours['speed_pp']):.2f} | {pp_med:.3f} | {mean(nat['speed_tg']):.2f} | "

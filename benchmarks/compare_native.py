@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-NATIVE_SRC = ROOT / "benchmarks" / "native"
+from benchlib import DEFAULT_BUILD_DIR, ratio_summary
+from benchlib import build_native as _build
 
 
 # How the comparisons run pyllm: the installed package's CLI, in a fresh interpreter.
@@ -36,13 +35,7 @@ PYLLM_CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.
 
 def build_native(build_dir: Path, targets: tuple[str, ...] = ("llama-bench", "llama-perplexity")) -> dict[str, Path]:
     """Configure and build llama.cpp's own tools (incremental; ccache where installed)."""
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    if not (build_dir / "CMakeCache.txt").exists():
-        subprocess.run(["cmake", "-S", str(NATIVE_SRC), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", *gen],
-                       check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", *targets, "-j",
-                    str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
-    return {name: build_dir / "bin" / name for name in targets}
+    return _build(build_dir, targets)
 
 
 def run_json(cmd: list[str], jsonl: bool = False) -> list[dict]:
@@ -55,12 +48,6 @@ def run_json(cmd: list[str], jsonl: bool = False) -> list[dict]:
     if jsonl:
         return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     return json.loads(text[text.index("["):])
-
-
-def paired_ratios(ours: list[float], native: list[float]) -> tuple[float, float, float]:
-    """(median, min, max) of the per-round ratios pyllm/native."""
-    ratios = [a / b for a, b in zip(ours, native)]
-    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def test_name(row: dict) -> str:
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-ngl", default="99")
     ap.add_argument("-r", "--repetitions", default="5")
     ap.add_argument("--rounds", type=int, default=3, help="alternating native/pyllm rounds")
-    ap.add_argument("--build-dir", type=Path, default=ROOT / "build" / "native")
+    ap.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     ap.add_argument("--native-bin", type=Path, help="use this llama-bench instead of building one")
     ap.add_argument("--out", type=Path, help="write native.json, pyllm.json and ratios.md here")
     ap.add_argument("--perplexity", action="store_true",
@@ -177,7 +164,7 @@ def ratio_table(native: dict, ours: dict) -> str:
         n, o = native[key], ours.get(key, [])
         if len(o) != len(n):
             continue
-        med, lo, hi = paired_ratios(o, n)
+        med, lo, hi = ratio_summary(o, n)
         lines.append(f"| {key[0]} | {key[1]} | {statistics.fmean(n):.2f} | {statistics.fmean(o):.2f} | "
                      f"{med:.3f} | {lo:.3f}-{hi:.3f} |")
     return "\n".join(lines)

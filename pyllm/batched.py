@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,9 +50,21 @@ from pyllm.textstream import TextStream
 
 logger = logging.getLogger("pyllm")
 
-__all__ = ["BatchRun", "BatchedEngine", "Request"]
+__all__ = ["BatchRun", "BatchedEngine", "Request", "TokenLogprob"]
 
 _ids = itertools.count(1)
+MAX_TOP_LOGPROBS = 20
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability under the model (log-softmax of its logits row, before the
+    sampler's temperature and truncation), and the ``top`` most likely alternatives as
+    (token id, piece bytes, logprob), most likely first."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
 
 
 class Request:
@@ -63,7 +75,7 @@ class Request:
     """
 
     def __init__(self, tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams,
-                 stops: list[str], ignore_eos: bool, reserve: int) -> None:
+                 stops: list[str], ignore_eos: bool, reserve: int, logprobs: Optional[int] = None) -> None:
         self.id = next(_ids)
         self.prompt_tokens = tokens
         self.n_prompt = len(tokens)
@@ -72,9 +84,12 @@ class Request:
         self.stops = stops
         self.ignore_eos = ignore_eos
         self.token_ids: list[int] = []           # generated ids so far (appended by the engine thread)
+        self.n_logprobs = logprobs                # None: none; k: each token's logprob and its top k alternatives
+        self.logprobs: list[TokenLogprob] = []   # one per token_ids entry when n_logprobs is not None
         self.seq_id: Optional[int] = None        # llama.cpp sequence (slot) once admitted
         self.result: Optional[GenerationResult] = None
         self._pieces: list[str] = []
+        self._piece_tokens: list[int] = []       # len(token_ids) when each piece was published
         self._cond = threading.Condition()
         self._done = False
         self._cancelled = False
@@ -173,11 +188,19 @@ class Request:
                 self._waiters.append((loop, fut))
             await fut
 
+    def tokens_through_piece(self, i: int) -> int:
+        """How many tokens had been generated when piece ``i`` (0-based, in iteration order) was
+        published: piece i's text comes from ``token_ids[tokens_through_piece(i - 1):tokens_through_piece(i)]``
+        (a piece may span several tokens; a token held back, e.g. half a UTF-8 character, joins the next)."""
+        with self._cond:
+            return self._piece_tokens[i]
+
     # ---- engine side (engine thread only) ----
     def _publish(self, piece: str = "", *, result: Optional[GenerationResult] = None) -> None:
         with self._cond:
             if piece:
                 self._pieces.append(piece)
+                self._piece_tokens.append(len(self.token_ids))
             if result is not None:
                 self.result = result
                 self._done = True
@@ -348,6 +371,7 @@ class BatchedEngine:
         stop: Union[str, Sequence[str]] = (),
         ignore_eos: bool = False,
         parse_special: bool = False,
+        logprobs: Optional[int] = None,
     ) -> Request:
         """Queue a generation; thread-safe. Returns at once with a Request.
 
@@ -355,6 +379,8 @@ class BatchedEngine:
         ids. ``max_tokens=None`` generates until end-of-generation or the sequence's limit (it then
         reserves ``n_ctx_seq`` cells). Raises ConfigError (bad arguments), ContextFullError (can never
         fit one sequence), QueueFullError (``n_parallel + max_queue`` requests unfinished), ClosedError.
+        ``logprobs``: None, or k in [0, 20]: ``Request.logprobs`` then gets each generated token's
+        TokenLogprob with its k most likely alternatives (read from the logits row in the engine thread).
         """
         if self._closed:
             raise ClosedError("this BatchedEngine is closed")
@@ -373,6 +399,10 @@ class BatchedEngine:
         for name, value in (("ignore_eos", ignore_eos), ("parse_special", parse_special)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ConfigError(f"logprobs={logprobs!r} is out of range; expected None or an integer in "
+                              f"[0, {MAX_TOP_LOGPROBS}] (the alternatives to report per token)")
         tokens = self._prompt_tokens(prompt, parse_special)
         n, limit = len(tokens), self.n_ctx_seq
         if n >= limit or (max_tokens is not None and n + max_tokens > limit):
@@ -385,7 +415,7 @@ class BatchedEngine:
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = SamplingParams(**{**sampling.__dict__, "seed": self.config.seed})
         reserve = n + max_tokens if max_tokens is not None else limit
-        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, reserve)
+        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, reserve, logprobs)
         req._wake = self._wake
         with self._cond:
             if self._closing:
@@ -542,8 +572,14 @@ class BatchedEngine:
         return self._call(self._seq_positions)
 
     def drop_cache(self) -> int:
-        """Free the cells of every idle prefix cache; returns how many cells were freed."""
-        return self._call(self._evict_idle)
+        """Free the cells of every idle prefix cache; returns how many cells were freed (stats() shows it
+        at once)."""
+        def drop() -> int:
+            freed = self._evict_idle()
+            self._refresh_snapshot()
+            return freed
+
+        return self._call(drop)
 
     # ---- calls into the engine thread ----
     def _wake(self) -> None:
@@ -740,7 +776,8 @@ class BatchedEngine:
                     token = int(lib.pyllm_argmax_logits(self._ctx_ptr, idx, self.model.n_vocab))
                 else:
                     token = int(lib.llama_sampler_sample(r._sampler.ptr, self._ctx_ptr, idx))
-                self._on_token(r, token)
+                lp = self._logprob(idx, token, r.n_logprobs) if r.n_logprobs is not None else None
+                self._on_token(r, token, lp)
             except Exception as exc:
                 self._finish(r, "error", free=True, error=exc)
 
@@ -787,7 +824,20 @@ class BatchedEngine:
             n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return ffi.unpack(buf, n)
 
-    def _on_token(self, r: Request, token: int) -> None:
+    def _logprob(self, idx: int, token: int, k: int) -> TokenLogprob:
+        """The log-softmax of batch row ``idx``'s logits at ``token``, and its top k (engine thread)."""
+        n_vocab = self.model.n_vocab
+        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(self._ctx_ptr, idx), 4 * n_vocab), dtype=np.float32)
+        peak = float(row.max())
+        lse = peak + float(np.log(np.exp(row - peak, dtype=np.float64).sum()))
+        top: tuple = ()
+        if k:
+            ids = np.argpartition(row, n_vocab - k)[n_vocab - k:]
+            ids = ids[np.argsort(-row[ids], kind="stable")]
+            top = tuple((int(t), self._piece(int(t)), float(row[t]) - lse) for t in ids)
+        return TokenLogprob(token, self._piece(token), float(row[token]) - lse, top)
+
+    def _on_token(self, r: Request, token: int, lp: Optional[TokenLogprob] = None) -> None:
         if not r._t_first:
             r._t_first = time.perf_counter_ns()
         if r._cancelled:
@@ -796,6 +846,8 @@ class BatchedEngine:
         if lib.llama_vocab_is_eog(self._vocab, token) and not r.ignore_eos:
             self._finish(r, "eog")
             return
+        if lp is not None:
+            r.logprobs.append(lp)
         r.token_ids.append(token)
         with self._cond:
             self._counters["tokens_generated_total"] += 1

@@ -30,20 +30,31 @@ DEST = HERE / "llama.cpp"
 CACHE = HERE / ".cache"
 STAMP_NAME = ".pyllm-fetched"
 # Bumped whenever what is kept changes, so an existing tree is extracted again.
-LAYOUT = "2"
+LAYOUT = "3"
 
 # Path prefixes (relative to the llama.cpp root) that no build or test of ours needs.
 # tools/ is kept: llama-bench, llama-perplexity and llama-batched-bench are built from it by benchmarks/,
 # and tools/rpc holds llama.cpp's rpc-server. models/templates/ holds the real chat templates that
-# pyllm's chat module offers by name.
+# pyllm's chat module offers by name. llama-server (benchmarks/serve_load.py) needs tools/server's
+# sources, the mtmd library it links (tools/mtmd) and tools/ui's build files (KEEP_FILES): this pin
+# ships no built web UI (tools/ui/dist), so llama-server is built with an empty UI table, and the
+# UI's sources (npm), the server's and mtmd's test suites and the mtmd conversion scripts are dropped.
 DROP_PREFIXES = (
     "docs/", "examples/", "media/", "ci/", "scripts/", ".devops/",
     ".github/", "tests/", "grammars/", "prompts/", "pocs/", "requirements/", "licenses/",
-    "tools/server/", "tools/mtmd/", "tools/run/", "tools/tts/",
+    "tools/server/tests/", "tools/server/bench/", "tools/ui/",
+    "tools/mtmd/tests/", "tools/mtmd/legacy-models/", "tools/mtmd/test-", "tools/run/", "tools/tts/",
     "ggml/src/ggml-vulkan/", "ggml/src/ggml-sycl/", "ggml/src/ggml-metal/", "ggml/src/ggml-cann/",
     "ggml/src/ggml-musa/", "ggml/src/ggml-opencl/", "ggml/src/ggml-kompute/", "ggml/src/ggml-webgpu/",
     "ggml/src/ggml-zdnn/", "ggml/src/ggml-hexagon/",
 )
+# Files kept although a prefix above drops their folder: what llama-server's CMake build reads
+# (tools/ui/CMakeLists.txt runs scripts/ui-assets.cmake, which fills ui.cpp.in/ui.h.in; a tools/ui/dist
+# put there by hand is still embedded).
+KEEP_FILES = frozenset({
+    "scripts/ui-assets.cmake",
+    "tools/ui/CMakeLists.txt", "tools/ui/sources.cmake", "tools/ui/ui.cpp.in", "tools/ui/ui.h.in",
+})
 # The small vocab-only GGUFs in models/ are kept (tokenizer tests); anything else there is dropped.
 KEEP_MODEL_MAX_BYTES = 12 * 1024 * 1024
 
@@ -116,6 +127,8 @@ def download(pin: dict[str, str]) -> Path:
 def _keep(rel: str, size: int) -> bool:
     if rel == ".git":  # a submodule pointer into llama-cpp-python's own repository
         return False
+    if rel in KEEP_FILES:
+        return True
     if any(rel.startswith(p) for p in DROP_PREFIXES):
         return False
     if rel.startswith("models/templates/"):

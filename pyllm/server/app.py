@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pyllm.batched import MAX_TOP_LOGPROBS
 from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
 from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
                           TokenizeError)
@@ -197,9 +198,6 @@ async def _parse(request: Request, model: type[BaseModel], limit: int):
 def _sampling(body) -> SamplingParams:
     if body.n is not None and body.n != 1:
         raise APIError(400, f"n={body.n} is not supported; this server returns one choice (n=1)", param="n")
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported by this server; omit 'logprobs' and 'top_logprobs'",
-                       param="logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value not in (None, 0, 0.0):
@@ -212,6 +210,82 @@ def _sampling(body) -> SamplingParams:
     except ConfigError as exc:
         field = str(exc).split("=", 1)[0]
         raise APIError(400, str(exc), param=field if field in kw else None) from None
+
+
+def _chat_logprobs(body) -> Optional[int]:
+    """Chat: ``logprobs`` (bool) turns them on, ``top_logprobs`` (0-20) asks for alternatives (OpenAI's rules)."""
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise APIError(400, f"logprobs={body.logprobs!r}: expected true or false (top_logprobs sets how many "
+                            "alternatives)", param="logprobs")
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs={top} is out of range; expected an integer in [0, {MAX_TOP_LOGPROBS}]",
+                       param="top_logprobs")
+    if top and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    return (top or 0) if body.logprobs else None
+
+
+def _completion_logprobs(body) -> Optional[int]:
+    """Completions: ``logprobs`` is the number of alternatives (0 = the sampled tokens' only)."""
+    n = body.logprobs
+    if n is None:
+        return None
+    if isinstance(n, bool) or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"logprobs={n!r} is out of range; expected an integer in [0, {MAX_TOP_LOGPROBS}] "
+                            "(the alternatives to report per token)", param="logprobs")
+    if body.top_logprobs is not None:
+        raise APIError(400, "top_logprobs is a chat completions field; /v1/completions takes the count in logprobs",
+                       param="top_logprobs")
+    return n
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_logprob_content(entries) -> list[dict]:
+    """OpenAI's chat shape: one {"token", "logprob", "bytes", "top_logprobs"} per token."""
+    return [{"token": _token_text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
+             "top_logprobs": [{"token": _token_text(p), "logprob": lp, "bytes": list(p)} for _t, p, lp in e.top]}
+            for e in entries]
+
+
+def _completion_logprobs_obj(entries, offset: int) -> dict:
+    """OpenAI's legacy completions shape; ``text_offset`` counts characters from the completion's start
+    (``offset``: the characters before these tokens)."""
+    tokens, offsets = [], []
+    for e in entries:
+        text = _token_text(e.piece)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token_text(p): lp for _t, p, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+class _LogprobCursor:
+    """Hands a streamed request's token logprobs out with the pieces their tokens produced: call
+    ``on_piece()`` once per engine piece, ``take()`` when an event goes out, ``rest()`` at the end (tokens
+    whose text was held back, e.g. by a stop string, come last)."""
+
+    def __init__(self, req) -> None:
+        self.req, self.piece, self.done, self.pending = req, 0, 0, []
+
+    def on_piece(self) -> None:
+        n = self.req.tokens_through_piece(self.piece)
+        self.piece += 1
+        self.pending.extend(self.req.logprobs[self.done:n])
+        self.done = n
+
+    def take(self) -> list:
+        out, self.pending = self.pending, []
+        return out
+
+    def rest(self) -> list:
+        self.pending.extend(self.req.logprobs[self.done:])
+        self.done = len(self.req.logprobs)
+        return self.take()
 
 
 def _stops(stop) -> list[str]:
@@ -409,10 +483,10 @@ def create_app(
         return min(requested, room)
 
     def submit(eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
-               ignore_eos: bool):
+               ignore_eos: bool, logprobs: Optional[int] = None):
         try:
             return eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                              ignore_eos=bool(ignore_eos))
+                              ignore_eos=bool(ignore_eos), logprobs=logprobs)
         except QueueFullError as exc:
             metrics.rejected.inc()
             raise APIError(503, f"the server is busy: {exc}", code="queue_full",
@@ -562,7 +636,7 @@ def create_app(
         body = await _parse(request, ChatCompletionRequest, max_body_bytes)
         eng = engine_or_503()
         name = check_model(body.model)
-        sampling, stops = _sampling(body), _stops(body.stop)
+        sampling, stops, n_logprobs = _sampling(body), _stops(body.stop), _chat_logprobs(body)
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
         fmt = (body.response_format or {}).get("type", "text")
@@ -591,25 +665,32 @@ def create_app(
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
         max_tokens = cap_tokens(eng, len(tokens), body.max_completion_tokens or body.max_tokens)
         parser = reasoning_parser_for(prompt_text, tmpl)
-        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
+        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos, n_logprobs)
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+        def chunk(delta: dict, finish: Optional[str] = None, entries=None) -> dict:
+            lp = {"content": _chat_logprob_content(entries)} if entries is not None else None
             return {"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            cursor = _LogprobCursor(req) if n_logprobs is not None else None
 
             def deltas(parts) -> list[str]:
-                return [_sse(chunk({"reasoning_content" if kind == "reasoning" else "content": text}))
+                return [_sse(chunk({"reasoning_content" if kind == "reasoning" else "content": text},
+                                   entries=cursor.take() if cursor else None))
                         for kind, text in parts if text]
+
+            def piece_events(piece: str) -> list[str]:
+                if cursor:
+                    cursor.on_piece()
+                return deltas(parser.feed(piece) if parser else [("content", piece)])
 
             async def events():
                 yield _sse(chunk({"role": "assistant", "content": ""}))
-                async for ev in sse(req, t0, include_usage,
-                                    lambda piece: deltas(parser.feed(piece) if parser else [("content", piece)]),
-                                    lambda finish: chunk({}, finish),
+                async for ev in sse(req, t0, include_usage, piece_events,
+                                    lambda finish: chunk({}, finish, entries=(cursor.rest() or None) if cursor else None),
                                     lambda use: {"id": cid, "object": "chat.completion.chunk", "created": created_at,
                                                  "model": name, "choices": [], "usage": use},
                                     flush=lambda: deltas(parser.finish()) if parser is not None else ()):
@@ -623,8 +704,9 @@ def create_app(
         message = {"role": "assistant", "content": content}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
+        lp = {"content": _chat_logprob_content(req.logprobs)} if n_logprobs is not None else None
         return {"id": cid, "object": "chat.completion", "created": created_at, "model": name,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message, "logprobs": lp,
                              "finish_reason": _FINISH[result.stop_reason]}],
                 "usage": usage(result)}
 
@@ -634,7 +716,7 @@ def create_app(
         body = await _parse(request, CompletionRequest, max_body_bytes)
         eng = engine_or_503()
         name = check_model(body.model)
-        sampling, stops = _sampling(body), _stops(body.stop)
+        sampling, stops, n_logprobs = _sampling(body), _stops(body.stop), _completion_logprobs(body)
         if body.echo:
             raise APIError(400, "echo=true is not supported by this server", param="echo")
         if body.suffix:
@@ -659,11 +741,16 @@ def create_app(
             except TokenizeError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
         max_tokens = cap_tokens(eng, len(tokens), body.max_tokens)
-        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos)
+        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos, n_logprobs)
         cid, created_at = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        text_offset = [0]
 
-        def choice(text: str, finish: Optional[str]) -> dict:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        def choice(text: str, finish: Optional[str], entries=None) -> dict:
+            lp = None
+            if entries is not None:
+                lp = _completion_logprobs_obj(entries, text_offset[0])
+                text_offset[0] += sum(len(t) for t in lp["tokens"])
+            return {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
 
         def obj(choices: list, **extra) -> dict:
             return {"id": cid, "object": "text_completion", "created": created_at, "model": name,
@@ -672,13 +759,22 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            events = sse(req, t0, include_usage, lambda piece: [_sse(obj([choice(piece, None)]))],
-                         lambda finish: obj([choice("", finish)]), lambda use: obj([], usage=use))
+            cursor = _LogprobCursor(req) if n_logprobs is not None else None
+
+            def piece_events(piece: str) -> list[str]:
+                if cursor:
+                    cursor.on_piece()
+                return [_sse(obj([choice(piece, None, cursor.take() if cursor else None)]))]
+
+            events = sse(req, t0, include_usage, piece_events,
+                         lambda finish: obj([choice("", finish, (cursor.rest() or None) if cursor else None)]),
+                         lambda use: obj([], usage=use))
 
             # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
             return _EventStream(events, req, metrics.cancelled.inc)
 
         result = await finished(request, req, t0)
-        return obj([choice(result.text, _FINISH[result.stop_reason])], usage=usage(result))
+        return obj([choice(result.text, _FINISH[result.stop_reason], req.logprobs if n_logprobs is not None else None)],
+                   usage=usage(result))
 
     return app

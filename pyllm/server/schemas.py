@@ -3,7 +3,7 @@
 Strict mode: a number where a string is expected (or "5" where an integer is) is a 400 naming
 the field, never a silent coercion. Unknown fields are ignored, as OpenAI clients send many
 (``user``, ``logit_bias``, ``parallel_tool_calls``, ...) that change nothing here; fields we
-know but cannot honour (``n > 1``, ``logprobs``, penalties) are rejected by the endpoint with
+know but cannot honour (``n > 1``, ``echo``, penalties) are rejected by the endpoint with
 a message saying so.
 """
 from __future__ import annotations

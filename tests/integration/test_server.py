@@ -161,6 +161,59 @@ def test_completions_text_and_token_prompts(oai, engine):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected.text
 
 
+def test_chat_logprobs_in_openais_shape(oai, engine):
+    name = oai.models.list().data[0].id
+    out = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                      top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    assert b"".join(bytes(e.bytes) for e in content).decode() == out.choices[0].message.content
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        # greedy: the sampled token is the most likely one, with the same logprob
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    plain = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+    # Streamed: each chunk carries its own tokens' entries; together they are the whole text's.
+    stream = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                         stream=True)
+    chunks = [c for c in stream if c.choices]
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    # (the values differ a little from the first request's: this one reuses its cached prompt, and a row
+    # decoded in another batch shape gets slightly different logits)
+    assert [e.token for e in entries] == [e.token for e in content]
+    assert all(e.logprob <= 0 and e.top_logprobs == [] for e in entries)
+    for c in chunks:  # a chunk's entries spell its text
+        if c.choices[0].delta.content and c.choices[0].logprobs:
+            assert "".join(e.token for e in c.choices[0].logprobs.content) == c.choices[0].delta.content
+
+
+def test_completion_logprobs_in_openais_legacy_shape(http, oai, engine):
+    name = oai.models.list().data[0].id
+    out = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                 logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for tok, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(logprob) and top.get(tok) == pytest.approx(logprob)
+    streamed = oai.completions.create(model=name, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                      logprobs=0, stream=True)
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
+    assert all(top == {} for p in parts for top in p.top_logprobs)
+
+
+def test_logprobs_bad_values_are_400(http):
+    for body, fragment in (({"logprobs": 2}, "expected true or false"), ({"top_logprobs": 2}, "needs logprobs=true"),
+                           ({"logprobs": True, "top_logprobs": 21}, "top_logprobs=21 is out of range")):
+        r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, **body})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], (body, r.text)
+
+
 def test_stop_strings_and_seeded_sampling(http, engine):
     prompt = "1, 2, 3, 4, 5,"
     full = engine.generate(prompt, max_tokens=12, sampling=GREEDY).text
@@ -251,7 +304,9 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(http, engine):
         r = http.post(path, json=body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     for body, fragment in (({"prompt": [engine.model.n_vocab]}, "outside the vocabulary"), ({"prompt": ""}, "empty"),
-                           ({"prompt": ["a", "b"]}, "one per request"), ({"prompt": "x", "logprobs": 2}, "logprobs")):
+                           ({"prompt": ["a", "b"]}, "one per request"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                           ({"prompt": "x", "logprobs": True}, "logprobs"),
+                           ({"prompt": "x", "logprobs": 1, "top_logprobs": 1}, "chat completions field")):
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], (body, r.text)
     assert http.get("/v1/nothing").status_code == 404
