@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ratio_summary  # noqa: E402
-from compare_native import PYLLM_CLI, ROOT, build_native, run_json, write_out  # noqa: E402
+from benchlib import ROOT  # noqa: E402
+from compare_native import PYLLM_CLI, build_native, run_json, write_out  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
