@@ -13,9 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,15 +28,16 @@ from pyllm.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not lib.pyllm_build_rpc(), reason="built with PYLLM_RPC=0")
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The capital of France is"
 N_TOKENS = 24
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return dict(os.environ)
+
+
+# Children run outside the source tree, whose pyllm/ (no compiled module) would shadow the installed one.
+CHILD_CWD = tempfile.gettempdir()
 
 
 def free_port() -> int:
@@ -52,7 +53,7 @@ class Server:
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "pyllm.cli", "rpc-server", "--port", str(self.port),
-                                      "--threads", "1", *extra], env=_env(), stdout=subprocess.DEVNULL,
+                                      "--threads", "1", *extra], env=_env(), cwd=CHILD_CWD, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while True:
@@ -162,7 +163,7 @@ def test_a_server_lost_mid_generation_ends_the_process_naming_it(default_model_p
     server = Server()
     try:
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(default_model_path), server.endpoint, "2"],
-                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 env=_env(), cwd=CHILD_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "GENERATING"
         t0 = time.monotonic()
         if how == "kill":
@@ -186,7 +187,7 @@ def test_a_server_lost_mid_generation_ends_the_process_naming_it(default_model_p
 
 def test_rpc_server_refuses_a_public_bind_without_allow_remote():
     r = subprocess.run([sys.executable, "-m", "pyllm.cli", "rpc-server", "--host", "0.0.0.0", "--port",
-                        str(free_port())], env=_env(), capture_output=True, text=True, timeout=60)
+                        str(free_port())], env=_env(), cwd=CHILD_CWD, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "'0.0.0.0' is not a loopback address" in r.stderr and "--allow-remote" in r.stderr
 
