@@ -61,6 +61,23 @@ def check_bool(source: str, value: Any) -> bool:
     raise ConfigError(f"{source}={value!r} is not a boolean; expected one of: {', '.join(_TRUE + _FALSE)}")
 
 
+def check_seconds(source: str, value: Any, *, maximum: float, allow_zero: bool = False) -> float:
+    """A number of seconds (a number or its decimal text) in (0, maximum], or [0, maximum] with ``allow_zero``."""
+    given = value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    lower = "0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
+        raise ConfigError(f"{source}={given!r} is not a number of seconds; expected a number {lower}")
+    if not (0 <= value if allow_zero else 0 < value) or value > maximum:
+        interval = f"[0, {maximum:g}]" if allow_zero else f"(0, {maximum:g}]"
+        raise ConfigError(f"{source}={given!r} is out of range; expected seconds in {interval}")
+    return float(value)
+
+
 def check_kv_type(source: str, value: Any) -> str:
     """The canonical name of a KV cache type; KVCacheConfigError naming ``source`` otherwise."""
     canon = normalize_kv_cache_type(value)
@@ -214,9 +231,7 @@ class Setting:
 
             return check_rpc_servers(source, raw)
         if self.kind == "seconds":
-            from pyllm.rpc import check_timeout
-
-            return check_timeout(source, raw)
+            return check_seconds(source, raw, maximum=86400)
         return raw
 
 
@@ -329,10 +344,10 @@ class EngineConfig:
         self.split_mode = check_split_mode("split_mode", self.split_mode)
         self.tensor_split = check_tensor_split("tensor_split", self.tensor_split)
         check_int("main_gpu", self.main_gpu, minimum=0, maximum=255)
-        from pyllm.rpc import check_rpc_servers, check_timeout
+        from pyllm.rpc import check_rpc_servers
 
         self.rpc_servers = check_rpc_servers("rpc_servers", self.rpc_servers)
-        self.rpc_timeout = check_timeout("rpc_timeout", self.rpc_timeout)
+        self.rpc_timeout = check_seconds("rpc_timeout", self.rpc_timeout, maximum=86400)
 
     @property
     def effective_type_k(self) -> str:

@@ -107,21 +107,6 @@ def check_rpc_servers(source: str, value: Any) -> Optional[tuple[str, ...]]:
     return tuple(eps) or None
 
 
-def check_timeout(source: str, value: Any) -> float:
-    """Seconds, > 0 (a float or decimal text)."""
-    given = value
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
-        raise ConfigError(f"{source}={given!r} is not a number of seconds; expected a number > 0")
-    if not 0 < value <= 86400:
-        raise ConfigError(f"{source}={given!r} is out of range; expected seconds in (0, 86400]")
-    return float(value)
-
-
 # ---- the reachability check ----
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = b""

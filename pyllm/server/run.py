@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pyllm.config import INT32_MAX, EngineConfig, Environment, check_int
+from pyllm.config import INT32_MAX, EngineConfig, Environment, check_int, check_seconds
 from pyllm.errors import ConfigError
 from pyllm.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 
@@ -51,8 +51,7 @@ class ServeSettings:
             raise ConfigError(f"host={self.host!r} is not an address; expected e.g. 127.0.0.1 or 0.0.0.0")
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None
-        if not isinstance(self.grace_s, (int, float)) or isinstance(self.grace_s, bool) or not 0 <= self.grace_s <= 3600:
-            raise ConfigError(f"grace={self.grace_s!r} is out of range; expected seconds in [0, 3600]")
+        self.grace_s = check_seconds("grace", self.grace_s, maximum=3600, allow_zero=True)
         for _var, name, minimum, maximum in _INT_SETTINGS:
             if getattr(self, name) is not None or name != "default_max_tokens":
                 check_int(name, getattr(self, name), minimum=minimum, maximum=maximum)
@@ -72,11 +71,7 @@ class ServeSettings:
         if (key := env.get("PYLLM_API_KEY")) is not None:
             kw["api_key"] = key
         if (grace := env.get("PYLLM_SHUTDOWN_GRACE")) is not None and grace.strip():
-            try:
-                kw["grace_s"] = float(grace)
-            except ValueError:
-                raise ConfigError(f"{env.source('PYLLM_SHUTDOWN_GRACE')}={grace!r} is not a number; "
-                                  "expected seconds in [0, 3600]") from None
+            kw["grace_s"] = check_seconds(env.source("PYLLM_SHUTDOWN_GRACE"), grace, maximum=3600, allow_zero=True)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
