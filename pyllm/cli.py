@@ -95,6 +95,13 @@ def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str])
     return kv_pairs(types_k, types_v)
 
 
+def _flash_attn_list(args: argparse.Namespace, env) -> list[str]:
+    """bench's -fa list; without it FLASH_ATTN (checked, named in errors), else auto."""
+    from pyllm.config import settings_from_env
+
+    return args.flash_attn or [settings_from_env(env, ("flash_attn",)).get("flash_attn", "auto")]
+
+
 def _model_path(config) -> str:
     from pyllm import default_model
 
@@ -348,7 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     params = bench.BenchParams(
         model_path=_model_path(config), n_prompt=args.n_prompt, n_gen=args.n_gen, n_depth=args.n_depth,
         kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
-        flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
+        flash_attn=_flash_attn_list(args, env),
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
         n_gpu_layers=config.n_gpu_layers, repetitions=args.repetitions, placement=placement_of(config),
     )
@@ -367,7 +374,7 @@ def _cmd_bench_batched(args: argparse.Namespace, env) -> int:
         model_path=_model_path(config), n_pp=args.n_pp or [128, 512], n_tg=args.n_tg or [128],
         n_pl=args.n_pl or [1, 2, 4, 8, 16, 32], shared_prompt=args.shared_prompt, kv_unified=args.kv_unified,
         n_ctx=config.n_ctx, kv_pairs=_kv_pairs_from_args(args, env, ["f16"]),
-        flash_attn=args.flash_attn or [env.get("FLASH_ATTN") or "auto"],
+        flash_attn=_flash_attn_list(args, env),
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads,
         n_gpu_layers=config.n_gpu_layers, placement=placement_of(config),
     )
