@@ -2,6 +2,8 @@
 ConfigError escape."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -23,7 +25,10 @@ def bpe(vocab_bpe):
 @given(text=TEXT)
 def test_byte_level_bpe_round_trips_any_text(bpe, text):
     tokens = bpe.tokenize(text, add_special=False)
-    assert bpe.detokenize(tokens) == text
+    # llama_detokenize applies the vocab's clean_up_tokenization_spaces (llama-bpe sets it, as HF does):
+    # a space before ? ! . , or an apostrophe is dropped, so only other texts come back unchanged.
+    if not re.search(r" [?!.,']", text):
+        assert bpe.detokenize(tokens) == text
     assert b"".join(bpe.token_to_piece(t) for t in tokens) == text.encode("utf-8")
 
 
