@@ -532,8 +532,8 @@ def _add_plan_parser(sub) -> None:
                        description=KV_LISTS_HELP)
     _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn", "n_parallel") + SPLIT_FIELDS, kv_lists=True,
                     help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context",
-                                   "n_parallel": "1; N > 1 adds how many -c sequences fit at once and how long "
-                                                 "each of N can be"})
+                                   "n_parallel": "1; as serve, N sequences share the -c context; N > 1 adds how "
+                                                 "many sequences of -c / N fit at once and how long each of N can be"})
     p.add_argument("-no-kvu", "--no-kv-unified", action="store_true",
                    help="with -np: n_ctx / n_parallel cells per sequence (llama.cpp's split KV) instead of one pool")
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "
