@@ -391,10 +391,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     env = _environment(args)
     config = _config_from_args(args, env)
+    # -b / -ub (else their defaults) before they are fitted to -c: plan measures other context sizes too, each
+    # with the batch sizes the same flags give a context of that size.
+    batch = _config_from_args(args, env, n_ctx=0)
     result = plan.make_plan(
         _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
-        n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
+        n_batch=batch.n_batch, n_ubatch=batch.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
         placement=placement_of(config),
         n_parallel=config.n_parallel, kv_unified=not args.no_kv_unified,
     )

@@ -196,6 +196,17 @@ def test_cli_plan_np_prints_what_serve_allocates(default_model_path, tmp_path):
             assert (data["n_parallel"], data["kv_unified"]) == (cfg["n_parallel"], cfg.get("kv_unified", True))
 
 
+def test_cli_plan_searches_with_the_batch_serve_would_use(default_model_path, tmp_path):
+    """-c 256 fits -b / -ub to 256; the larger contexts of the search take serve's batch for their size
+    (-ub 512 here), so the largest -c found is one serve can allocate in the budget."""
+    out = subprocess.run([*CLI, "plan", "-m", str(default_model_path), "-c", "256", "-ctk", "f16", "--memory",
+                          "1GiB", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    max_ctx = json.loads(out.stdout)["rows"][0]["max_ctx_uncapped"]
+    with Model(str(default_model_path), use_mmap=False, no_alloc=True) as m:
+        assert _serve_total(m, max_ctx) <= parse_memory("1GiB") < _serve_total(m, max_ctx + 1)
+
+
 def test_cli_plan_np_table(gqa_model_path, tmp_path):
     out = subprocess.run([*CLI, "plan", "-m", str(gqa_model_path), "--memory", "48MiB", "-c", "3072", "-np", "3",
                           "-ctk", "q8_0"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
