@@ -391,10 +391,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     env = _environment(args)
     config = _config_from_args(args, env)
+    # -b / -ub (else their defaults) before they are fitted to -c: plan measures other context sizes too, each
+    # with the batch sizes the same flags give a context of that size.
+    batch = _config_from_args(args, env, n_ctx=0)
     result = plan.make_plan(
         _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
-        n_batch=config.n_batch, n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
+        n_batch=batch.n_batch, n_ubatch=batch.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
         placement=placement_of(config),
         n_parallel=config.n_parallel, kv_unified=not args.no_kv_unified,
     )
@@ -532,8 +535,8 @@ def _add_plan_parser(sub) -> None:
                        description=KV_LISTS_HELP)
     _add_model_args(p, LIST_FIELDS + ("n_ctx", "flash_attn", "n_parallel") + SPLIT_FIELDS, kv_lists=True,
                     help_defaults={"kv_cache_type_k": "f16,q8_0,q4_0", "n_ctx": "0: the training context",
-                                   "n_parallel": "1; N > 1 adds how many -c sequences fit at once and how long "
-                                                 "each of N can be"})
+                                   "n_parallel": "1; as serve, N sequences share the -c context; N > 1 adds how "
+                                                 "many sequences of -c / N fit at once and how long each of N can be"})
     p.add_argument("-no-kvu", "--no-kv-unified", action="store_true",
                    help="with -np: n_ctx / n_parallel cells per sequence (llama.cpp's split KV) instead of one pool")
     p.add_argument("--memory", help="budget, e.g. 96GiB, or 'gpu' for the visible GPU's free memory "

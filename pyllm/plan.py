@@ -5,6 +5,13 @@ simulated, so this takes seconds even for a 30 GB file. Every figure is llama.cp
 accounting (``llama_get_memory_breakdown``) of the buffers it would allocate for a context of a
 given size: weights, KV cache (sliding-window layers, grouped-query attention and MLA included)
 and compute buffers.
+
+The flags mean what they mean to ``serve`` and ``BatchedEngine``: ``-c`` is the whole context
+(``n_ctx``), shared by the ``-np`` sequences (one pool, or ``n_ctx / n_parallel`` cells each with
+split KV), and every context is measured with the ``n_seq_max``, ``kv_unified``, ``n_batch`` and
+``n_ubatch`` those would pass. That matters beyond the split: a sliding-window cache holds
+``n_swa * n_seq_max + n_ubatch`` cells in a unified pool (``n_swa + n_ubatch`` per stream when
+split), up to the full size.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from pyllm.config import check_batch_sizes, check_bool, check_int, check_kv_type
 from pyllm.model import Model
 from pyllm.placement import Placement
 
-GRANULE = 256                  # llama.cpp pads the KV cache to multiples of 256 cells
+GRANULE = 256                  # llama.cpp pads n_ctx (split KV: each sequence's n_ctx_seq) to 256 cells
 MAX_SEARCH_CTX = 1 << 24       # upper end of the search for the uncapped maximum
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -54,13 +61,13 @@ class Measure:
 class PlanRow:
     type_k: str
     type_v: str
-    n_ctx: int                       # the context asked about (-c)
+    n_ctx: int                       # the context asked about (-c), as llama.cpp pads it
     kv_bytes_per_token: float        # growth of the KV cache per token of context
     kv_bytes: int                    # KV cache at n_ctx
     weights_bytes: int
     compute_bytes: int               # compute buffers at n_ctx
     total_bytes: int                 # weights + KV + compute at n_ctx
-    max_ctx: int                     # largest context that fits the budget, capped at n_ctx_train
+    max_ctx: int                     # largest -c that fits the budget, capped at n_parallel x n_ctx_train
     max_ctx_uncapped: int            # the same without the cap (at most MAX_SEARCH_CTX)
     n_ctx_train: int
     flash_attn: bool
@@ -75,11 +82,12 @@ LLAMA_MAX_SEQ = 256
 class ConcurrencyRow:
     type_k: str
     type_v: str
-    seq_len: int                     # tokens per sequence asked about (-c, else n_ctx_train)
+    n_ctx: int                       # the context asked about (-c, else n_ctx_train), as llama.cpp pads it
+    seq_len: int                     # each sequence's share: n_ctx / n_parallel (llama.cpp's n_ctx_seq when split)
     n_parallel: int                  # -np
     kv_unified: bool
-    kv_bytes: int                    # KV cache of n_parallel sequences of seq_len
-    total_bytes: int                 # weights + KV + compute of n_parallel sequences of seq_len
+    kv_bytes: int                    # KV cache of -c n_ctx -np n_parallel, as serve allocates it
+    total_bytes: int                 # weights + KV + compute of the same context
     fits: bool                       # total_bytes <= budget
     max_seqs: int                    # sequences of seq_len that fit together (at most LLAMA_MAX_SEQ)
     max_seq_len: int                 # longest sequence when n_parallel run together (multiple of 256)
@@ -98,19 +106,32 @@ class Plan:
     curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # "k/v" -> [(n_ctx, total bytes)]
     model_devices: list[str] = field(default_factory=list)   # the split's devices, in order (RPC servers first)
     concurrency: list[ConcurrencyRow] = field(default_factory=list)       # with -np N
+    n_parallel: int = 1              # -np: every figure is of contexts with n_seq_max = n_parallel
+    kv_unified: bool = True          # one KV pool (False: -no-kvu, n_ctx / n_parallel cells per sequence)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
 class Planner:
-    """Simulated allocations of one model (no_alloc): measure any context size and KV type pair."""
+    """Simulated allocations of one model (no_alloc): measure any context size and KV type pair, with the
+    parameters ``serve -c N -np n_parallel`` (a ``BatchedEngine``) would create that context with.
+
+    ``n_batch`` / ``n_ubatch``: the -b / -ub flags, or their defaults (2048 / 512); each context takes
+    ``min(n_batch, n_ctx)`` and ``min(n_ubatch, n_batch)``, as EngineConfig and llama.cpp do, so a context
+    of any size is measured with the batch sizes the same flags would give it."""
 
     def __init__(self, model_path: str, *, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
-                 flash_attn: str = "auto", placement: Optional[Placement] = None) -> None:
+                 flash_attn: str = "auto", placement: Optional[Placement] = None, n_parallel: int = 1,
+                 kv_unified: bool = True) -> None:
+        check_int("n_parallel", n_parallel, minimum=1, maximum=LLAMA_MAX_SEQ)
+        check_bool("kv_unified", kv_unified)
         self.model = Model(model_path, n_gpu_layers=n_gpu_layers, use_mmap=False, no_alloc=True, placement=placement)
         self.n_batch, self.n_ubatch, self.flash_attn = n_batch, n_ubatch, flash_attn
         self.n_gpu_layers = n_gpu_layers
+        self.n_parallel, self.kv_unified = n_parallel, kv_unified
+        # Split streams pad each sequence's n_ctx_seq to 256 cells, so n_ctx moves in steps of 256 x n_parallel.
+        self.granule = GRANULE if kv_unified or n_parallel == 1 else GRANULE * n_parallel
 
     def close(self) -> None:
         self.model.close()
@@ -121,10 +142,13 @@ class Planner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def measure(self, n_ctx: int, type_k: str, type_v: str, *, n_seq_max: int = 1,
-                kv_unified: bool = True) -> tuple[Measure, bool]:
+    def measure(self, n_ctx: int, type_k: str, type_v: str, *, n_seq_max: Optional[int] = None,
+                kv_unified: Optional[bool] = None) -> tuple[Measure, bool]:
         """A context of ``n_ctx`` cells in all (``n_seq_max`` sequences sharing them, or ``n_ctx /
-        n_seq_max`` each with ``kv_unified=False``), as llama.cpp would allocate it."""
+        n_seq_max`` each with ``kv_unified=False``), as llama.cpp would allocate it; ``None``: the
+        planner's ``n_parallel`` / ``kv_unified``."""
+        n_seq_max = self.n_parallel if n_seq_max is None else n_seq_max
+        kv_unified = self.kv_unified if kv_unified is None else kv_unified
         n_batch = min(self.n_batch, n_ctx)
         with Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(self.n_ubatch, n_batch),
                      flash_attn=self.flash_attn, type_k=type_k, type_v=type_v, no_perf=True,
@@ -140,7 +164,7 @@ class Planner:
         n_ctx = n_ctx or n_train
         at, fa = self.measure(n_ctx, type_k, type_v)
         # Two points 16 granules apart give the per-token growth; sliding-window caches stop growing.
-        probe_n = at.n_ctx + 16 * GRANULE
+        probe_n = at.n_ctx + 16 * self.granule
         probe, _ = self.measure(probe_n, type_k, type_v)
         per_token = (probe.kv - at.kv) / (probe.n_ctx - at.n_ctx)
         total_slope = (probe.total - at.total) / (probe.n_ctx - at.n_ctx)
@@ -149,37 +173,38 @@ class Planner:
         max_uncapped = self._max_fit(budget, at, total_slope, type_k, type_v, curve)
         if curve is not None and max_uncapped > 0:
             for i in range(1, 8):  # a few more points for the plot, up to the maximum
-                n = max(GRANULE, max_uncapped * i // 8 // GRANULE * GRANULE)
+                n = max(self.granule, max_uncapped * i // 8 // self.granule * self.granule)
                 m, _ = self.measure(n, type_k, type_v)
                 curve.append((m.n_ctx, m.total))
         return PlanRow(type_k=type_k, type_v=type_v, n_ctx=at.n_ctx, kv_bytes_per_token=per_token, kv_bytes=at.kv,
                        weights_bytes=at.weights, compute_bytes=at.compute, total_bytes=at.total,
-                       max_ctx=min(max_uncapped, n_train) if n_train > 0 else max_uncapped,
+                       max_ctx=min(max_uncapped, n_train * self.n_parallel) if n_train > 0 else max_uncapped,
                        max_ctx_uncapped=max_uncapped, n_ctx_train=n_train, flash_attn=fa, devices=at.devices)
 
     def _max_fit(self, budget: int, at: Measure, slope: float, k: str, v: str, curve: Optional[list]) -> int:
-        """Largest multiple of GRANULE whose simulated total fits the budget."""
+        """Largest multiple of the granule whose simulated total fits the budget."""
         def fits(n: int) -> tuple[bool, int]:
             m, _ = self.measure(n, k, v)
             if curve is not None:
                 curve.append((m.n_ctx, m.total))
             return m.total <= budget, m.total
 
-        lo_ok, _ = fits(GRANULE)
+        g = self.granule
+        lo_ok, _ = fits(g)
         if not lo_ok:
             return 0
         if slope <= 0:
             guess = MAX_SEARCH_CTX
         else:
             guess = at.n_ctx + (budget - at.total) / slope
-        guess = int(max(GRANULE, min(MAX_SEARCH_CTX, guess)) // GRANULE * GRANULE)
+        guess = int(max(g, min(MAX_SEARCH_CTX, guess)) // g * g)
         ok, _ = fits(guess)
-        lo, hi = (guess, None) if ok else (GRANULE, guess)
+        lo, hi = (guess, None) if ok else (g, guess)
         if ok:
             # Linear estimates are close: look just above to bracket the answer.
-            step = GRANULE
+            step = g
             while hi is None:
-                n = min(MAX_SEARCH_CTX, lo + step)
+                n = min(MAX_SEARCH_CTX // g * g, lo + step)
                 if n == lo:
                     return lo
                 ok2, _ = fits(n)
@@ -187,8 +212,8 @@ class Planner:
                     lo, step = n, step * 4
                 else:
                     hi = n
-        while hi - lo > GRANULE:
-            mid = (lo + hi) // 2 // GRANULE * GRANULE
+        while hi - lo > g:
+            mid = (lo + hi) // 2 // g * g
             if mid in (lo, hi):
                 break
             ok, _ = fits(mid)
@@ -196,27 +221,30 @@ class Planner:
         return lo
 
 
-    def concurrency(self, type_k: str, type_v: str, seq_len: int, n_parallel: int, budget: int,
-                    kv_unified: bool = True) -> "ConcurrencyRow":
-        """How many sequences of ``seq_len`` tokens fit the budget together, and how long each of
-        ``n_parallel`` sequences can be: contexts of ``n * length`` cells with ``n_seq_max = n``, each
-        measured by llama.cpp (weights + KV + compute, output buffers of n sequences included)."""
+    def concurrency(self, type_k: str, type_v: str, n_ctx: int, budget: int) -> "ConcurrencyRow":
+        """The context ``-c n_ctx -np n_parallel`` gives (each sequence's share ``seq_len = n_ctx /
+        n_parallel``), how many sequences of ``seq_len`` fit the budget together (``-c n * seq_len
+        -np n``), and how long each of ``n_parallel`` sequences can be (``-c n_parallel * length``):
+        every answer measured by llama.cpp (weights + KV + compute, output buffers of n sequences included)."""
+        n_parallel, unified = self.n_parallel, self.kv_unified
+
         def total(n_seq: int, length: int) -> int:
-            m, _ = self.measure(n_seq * length, type_k, type_v, n_seq_max=n_seq, kv_unified=kv_unified)
+            m, _ = self.measure(n_seq * length, type_k, type_v, n_seq_max=n_seq)
             return m.total
 
-        at = total(n_parallel, seq_len)
+        m, _ = self.measure(n_ctx or self.model.n_ctx_train, type_k, type_v)
+        seq_len = m.n_ctx // n_parallel   # split KV: exactly llama.cpp's n_ctx_seq (a multiple of 256)
         one = total(1, seq_len)
         max_seqs = _largest(lambda n: total(n, seq_len) <= budget, LLAMA_MAX_SEQ,
                             guess=max(1, int(budget / max(1, one)) if one <= budget else 0))
         # lengths in granules: llama.cpp pads each split stream (and the pool) to 256 cells
-        per_granule = max(1, (total(n_parallel, seq_len + GRANULE) - at) // GRANULE) if at else 1
-        guess = max(1, (seq_len + (budget - at) // per_granule // n_parallel) // GRANULE)
+        at = total(n_parallel, seq_len)
+        per_token = max(1, (total(n_parallel, seq_len + GRANULE) - at) // GRANULE)  # per token of each sequence
+        guess = max(1, (seq_len + (budget - at) // per_token) // GRANULE)
         units = _largest(lambda u: total(n_parallel, u * GRANULE) <= budget, MAX_SEARCH_CTX // GRANULE // n_parallel,
                          guess=guess)
-        m, _ = self.measure(n_parallel * seq_len, type_k, type_v, n_seq_max=n_parallel, kv_unified=kv_unified)
-        return ConcurrencyRow(type_k=type_k, type_v=type_v, seq_len=seq_len, n_parallel=n_parallel,
-                              kv_unified=kv_unified, kv_bytes=m.kv, total_bytes=m.total, fits=m.total <= budget,
+        return ConcurrencyRow(type_k=type_k, type_v=type_v, n_ctx=m.n_ctx, seq_len=seq_len, n_parallel=n_parallel,
+                              kv_unified=unified, kv_bytes=m.kv, total_bytes=m.total, fits=m.total <= budget,
                               max_seqs=max_seqs, max_seq_len=units * GRANULE, n_ctx_train=self.model.n_ctx_train)
 
 
@@ -278,8 +306,10 @@ def default_budget() -> tuple[int, str]:
 def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f16"),), n_ctx: int = 0, memory: Optional[str] = None, n_gpu_layers: int = 0, n_batch: int = 2048,
               n_ubatch: int = 512, flash_attn: str = "auto", curves: bool = False,
               placement: Optional[Placement] = None, n_parallel: int = 1, kv_unified: bool = True) -> Plan:
-    """The plan of one model for each K/V pair. ``n_parallel`` > 1 adds the concurrency table: how many
-    sequences of ``n_ctx`` tokens fit together, and how long each of ``n_parallel`` sequences can be."""
+    """The plan of one model for each K/V pair, of contexts as ``serve -c n_ctx -np n_parallel`` (with
+    ``-b n_batch -ub n_ubatch``, and split KV with ``kv_unified=False``) creates them. ``n_parallel`` > 1
+    adds the concurrency table: each sequence's share of ``n_ctx``, how many sequences of that length fit
+    together, and how long each of ``n_parallel`` sequences can be."""
     if memory is None:
         budget, source = default_budget()
     elif str(memory).strip().lower() == "gpu":
@@ -291,10 +321,11 @@ def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f
     check_batch_sizes(0, n_batch, n_ubatch)
     check_int("-np", n_parallel, minimum=1, maximum=LLAMA_MAX_SEQ)
     check_bool("kv_unified", kv_unified)
-    with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
-                 flash_attn=flash_attn, placement=placement) as planner:
+    with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
+                 placement=placement, n_parallel=n_parallel, kv_unified=kv_unified) as planner:
         plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget, budget_source=source,
-                    n_gpu_layers=n_gpu_layers, rows=[], model_devices=list(planner.model.device_names))
+                    n_gpu_layers=n_gpu_layers, rows=[], model_devices=list(planner.model.device_names),
+                    n_parallel=n_parallel, kv_unified=kv_unified)
         for k, v in pairs:
             try:
                 validate_kv_types(planner.model, k, v, flash_attn)
@@ -302,16 +333,17 @@ def make_plan(model_path: str, *, pairs: Sequence[tuple[str, str]] = (("f16", "f
                 plan.rows.append(PlanRow(k, v, n_ctx, 0, 0, 0, 0, 0, 0, 0, planner.model.n_ctx_train, False,
                                          error=str(exc)))
                 if n_parallel > 1:
-                    plan.concurrency.append(ConcurrencyRow(k, v, n_ctx, n_parallel, kv_unified, 0, 0, False, 0, 0,
-                                                           planner.model.n_ctx_train, error=str(exc)))
+                    plan.concurrency.append(ConcurrencyRow(
+                        type_k=k, type_v=v, n_ctx=n_ctx, seq_len=0, n_parallel=n_parallel, kv_unified=kv_unified,
+                        kv_bytes=0, total_bytes=0, fits=False, max_seqs=0, max_seq_len=0,
+                        n_ctx_train=planner.model.n_ctx_train, error=str(exc)))
                 continue
             curve: Optional[list] = [] if curves else None
             plan.rows.append(planner.row(k, v, n_ctx, budget, curve))
             if curve is not None:
                 plan.curves[f"{k}/{v}"] = sorted(set(curve))
             if n_parallel > 1:
-                plan.concurrency.append(planner.concurrency(k, v, n_ctx or planner.model.n_ctx_train, n_parallel,
-                                                            budget, kv_unified))
+                plan.concurrency.append(planner.concurrency(k, v, n_ctx, budget))
         return plan
 
 
@@ -322,7 +354,8 @@ def _mib(n: float) -> str:
 def format_table(plan: Plan) -> str:
     lines = [
         f"model: {plan.model} ({plan.model_path})",
-        f"budget: {plan.budget / 2**30:.2f} GiB ({plan.budget_source}); -ngl {plan.n_gpu_layers}",
+        f"budget: {plan.budget / 2**30:.2f} GiB ({plan.budget_source}); -ngl {plan.n_gpu_layers}"
+        + (f"; -np {plan.n_parallel} ({'one KV pool' if plan.kv_unified else 'split KV'})" if plan.n_parallel > 1 else ""),
         "",
         "| type_k | type_v | KV bytes/token | n_ctx | KV MiB | weights MiB | compute MiB | total MiB | max ctx | max ctx (uncapped) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -331,18 +364,20 @@ def format_table(plan: Plan) -> str:
         if r.error:
             lines.append(f"| {r.type_k} | {r.type_v} | {r.error} | | | | | | | |")
             continue
-        cap = f"{r.max_ctx:,}" + (" (n_ctx_train)" if r.max_ctx == r.n_ctx_train and r.max_ctx_uncapped > r.max_ctx else "")
+        train = "n_ctx_train" if plan.n_parallel == 1 else f"{plan.n_parallel} x n_ctx_train"
+        capped = r.max_ctx == r.n_ctx_train * plan.n_parallel and r.max_ctx_uncapped > r.max_ctx
+        cap = f"{r.max_ctx:,}" + (f" ({train})" if capped else "")
         unc = (">= " if r.max_ctx_uncapped >= MAX_SEARCH_CTX else "") + f"{r.max_ctx_uncapped:,}"
         lines.append(f"| {r.type_k} | {r.type_v} | {r.kv_bytes_per_token:,.0f} | {r.n_ctx:,} | {_mib(r.kv_bytes)} | "
                      f"{_mib(r.weights_bytes)} | {_mib(r.compute_bytes)} | {_mib(r.total_bytes)} | {cap} | {unc} |")
     lines += format_devices(plan)
     if plan.concurrency:
-        c0 = plan.concurrency[0]
+        c0 = next((c for c in plan.concurrency if not c.error), plan.concurrency[0])
         n, L = c0.n_parallel, c0.seq_len
         kv = "one KV pool shared by all sequences" if c0.kv_unified else "n_ctx / n_parallel cells each (split KV)"
         lines += [
             "",
-            f"concurrent sequences ({kv}):",
+            f"concurrent sequences (-c {c0.n_ctx:,} -np {n}: {kv}; {L:,} tokens each):",
             "",
             f"| type_k | type_v | KV MiB per {L:,}-token sequence | sequences of {L:,} tokens that fit | "
             f"total MiB with {n} x {L:,} | longest sequence with {n} at once |",

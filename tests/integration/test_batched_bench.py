@@ -1,4 +1,4 @@
-"""pyllm bench --batched (llama-batched-bench's rows through the batched engine) and pyllm plan -np."""
+"""pyllm bench --batched (llama-batched-bench's rows through the batched engine); plan -np is in test_plan.py."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,8 @@ import pytest
 from pyllm.batched import BatchedEngine
 from pyllm.bench import BatchedBenchParams, batched_n_kv, run_batched_bench
 from pyllm.config import EngineConfig
-from pyllm.context import Context
 from pyllm.errors import ConfigError, ContextFullError
 from pyllm.model import Model
-from pyllm.plan import LLAMA_MAX_SEQ, Planner, make_plan, parse_memory
 
 CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
 
@@ -113,40 +111,3 @@ def test_run_together_refuses_what_does_not_fit(model):
         run = eng.run_together([[2] * 255, [3] * 255], 2)
         assert [len(r.tokens) for r in run.results] == [2, 2]
         assert eng.generate("still usable", max_tokens=2).n_generated == 2
-
-
-# ---- plan -np against real allocations ----
-@pytest.mark.parametrize("unified", [True, False])
-def test_plan_np_matches_a_real_context(default_model_path, unified):
-    plan = make_plan(str(default_model_path), pairs=[("f16", "f16"), ("q8_0", "q8_0")], n_ctx=1024, memory="4GiB",
-                     n_batch=512, n_parallel=4, kv_unified=unified)
-    for c in plan.concurrency:
-        with Model(default_model_path) as m, Context(m, n_ctx=4 * 1024, n_batch=512, type_k=c.type_k,
-                                                     type_v=c.type_v, n_seq_max=4, kv_unified=unified) as ctx:
-            real = ctx.kv_cache_bytes().total
-            assert ctx.n_ctx_seq == (4096 if unified else 1024)
-        assert c.kv_bytes == pytest.approx(real, rel=0.01)
-        assert c.fits and c.max_seqs > 4 and c.max_seq_len > 1024
-
-
-def test_plan_np_counts_are_the_largest_that_fit(gqa_model_path):
-    budget = parse_memory("48MiB")
-    plan = make_plan(str(gqa_model_path), pairs=[("f16", "f16"), ("q4_0", "q4_0")], n_ctx=1024, memory="48MiB",
-                     n_parallel=3)
-    f16, q4 = plan.concurrency
-    assert 0 < f16.max_seqs < q4.max_seqs < LLAMA_MAX_SEQ and f16.max_seq_len < q4.max_seq_len
-    with Planner(str(gqa_model_path)) as p:
-        for c in plan.concurrency:
-            m = lambda n, L: p.measure(n * L, c.type_k, c.type_v, n_seq_max=n)[0].total  # noqa: E731
-            assert m(c.max_seqs, 1024) <= budget < m(c.max_seqs + 1, 1024)
-            assert m(3, c.max_seq_len) <= budget < m(3, c.max_seq_len + 256)
-
-
-def test_cli_plan_np_table(gqa_model_path, tmp_path):
-    out = _cli("plan", "-m", str(gqa_model_path), "--memory", "48MiB", "-c", "1024", "-np", "3", "-ctk", "q8_0",
-               cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "concurrent sequences (one KV pool shared by all sequences)" in out.stdout
-    assert "| sequences of 1,024 tokens that fit |" in out.stdout and "longest sequence with 3 at once" in out.stdout
-    bad = _cli("plan", "-m", str(gqa_model_path), "-np", "0", cwd=tmp_path)
-    assert bad.returncode == 1 and "-np" in bad.stderr and "'0'" in bad.stderr
