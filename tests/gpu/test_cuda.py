@@ -74,7 +74,7 @@ def test_plan_on_the_device_matches_the_allocation(model, gpu_model_path, kv):
     from pyllm.devices import gpus
     from pyllm.plan import make_plan
 
-    plan = make_plan(str(gpu_model_path), type_k=[kv], n_ctx=8192, memory="gpu", n_gpu_layers=99, n_batch=512,
+    plan = make_plan(str(gpu_model_path), pairs=[(kv, kv)], n_ctx=8192, memory="gpu", n_gpu_layers=99, n_batch=512,
                      flash_attn="on")
     (row,) = plan.rows
     assert plan.budget_source.startswith("free memory of CUDA") and 0 < plan.budget <= gpus()[0].total
