@@ -24,12 +24,14 @@ import functools
 import json
 import logging
 import os
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from pyllm._ffi import ffi, lib
 from pyllm.errors import ChatTemplateError
@@ -290,6 +292,44 @@ class ChatTemplate:
                      "messages": msgs, "tools": tools, "add_generation_prompt": bool(add_generation_prompt)}
         return _render(tmpl, variables, self.source, seconds, max_chars)
 
+    def render_prompt(self, messages: Sequence[dict], model: Any, *, add_generation_prompt: bool = True,
+                      tools: Optional[list] = None, special_in_messages: bool = False,
+                      **template_kwargs: Any) -> ChatPrompt:
+        """``messages`` rendered (as :meth:`render`) and tokenized for ``model``: a :class:`ChatPrompt`.
+
+        Only the template's own markup becomes control tokens. Text that came from the caller (every
+        string in ``messages`` of any role, tool results, reasoning, tool-call arguments, ``tools`` and
+        ``template_kwargs``) is tokenized as plain text, so a message cannot close its turn or forge
+        another one by writing ``<end_of_turn>``/``<start_of_turn>``: the template renders with
+        stand-ins for such text, the rendered prompt is split at the template's control tokens as
+        llama.cpp's tokenizer splits it, and the stand-ins are put back inside the plain-text pieces.
+        A conversation without control-token text gives exactly ``model.tokenize_chat(text)``.
+        ``special_in_messages=True`` is llama-server's behaviour (the whole prompt parsed for special
+        tokens, message text included): only for clients that rely on writing control tokens themselves.
+        Raises ChatTemplateError as :meth:`render` does.
+        """
+        controls = model.control_tokens()
+        if special_in_messages or not controls:
+            hide = restore = lambda v: v  # noqa: E731
+            ph = None
+        else:
+            ph = _Placeholders()
+            hide = lambda v: ph.hide_all(v, controls)  # noqa: E731
+            restore = ph.restore
+        msgs = hide(list(messages)) if isinstance(messages, (list, tuple)) else messages
+        hidden_tools, kwargs = hide(tools), hide(template_kwargs)
+        text = self.render(msgs, add_generation_prompt=add_generation_prompt, tools=hidden_tools, **kwargs)
+        if ph is not None:
+            ph.check_intact(text, self.source)
+        generation_prompt = ""
+        if add_generation_prompt:
+            without = self.render(msgs, add_generation_prompt=False, tools=hidden_tools, **kwargs)
+            if text.startswith(without):
+                generation_prompt = restore(text[len(without):])
+        pieces = [restore(p) if isinstance(p, str) else p for p in controls.partition(text)] if controls else [text]
+        add_special = not (pieces and pieces[0] == model.bos)
+        return ChatPrompt(restore(text), tokenize_prompt(model, pieces, add_special=add_special), generation_prompt)
+
     def _render_builtin(self, msgs: list[dict], add_assistant: bool, tools: Optional[list], kwargs: dict) -> str:
         if tools:
             raise ChatTemplateError(f"chat template {self.source} is llama.cpp's built-in {self.builtin!r} format, "
@@ -446,6 +486,174 @@ def resolve_template(spec: Optional[str] = None, model: Any = None) -> ChatTempl
 
 
 # ---------------------------------------------------------------------------------------------------
+# prompt tokens: only the template's own markup becomes control tokens
+# ---------------------------------------------------------------------------------------------------
+_ASCII_SPACE = " \t\n\v\f\r"   # C isspace() in the "C" locale, as llama.cpp's lstrip/rstrip use it
+
+
+class ControlTokens:
+    """The vocabulary's control tokens (llama.cpp's CONTROL and UNKNOWN attributes): the tokens that only
+    ``llama_tokenize(..., parse_special=true)`` makes out of text, such as ``<start_of_turn>``.
+
+    ``table``: token text -> (token id, llama_token_attr bits). :meth:`partition` splits a text at
+    their occurrences exactly as llama.cpp's tokenizer does (``tokenizer_st_partition``: longest text
+    first, then leftmost; lstrip/rstrip attributes drop the whitespace beside them); :meth:`spans`
+    finds them in untrusted text so that it can be kept apart from the template's markup.
+    """
+
+    def __init__(self, table: dict[str, tuple[int, int]], lstrip: int, rstrip: int) -> None:
+        self.table = table
+        self.lstrip, self.rstrip = lstrip, rstrip
+        self.lengths = sorted({len(t) for t in table}, reverse=True)
+        firsts = sorted({t[0] for t in table})
+        self._first = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if firsts else None
+        # Proper prefixes/suffixes: a text that ends (starts) with one could complete a control token
+        # together with whatever the template writes next to it.
+        self._prefixes = {t[:i] for t in table for i in range(1, len(t))}
+        self._suffixes = {t[i:] for t in table for i in range(1, len(t))}
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def _occurrences(self, text: str) -> list[tuple[int, int]]:
+        """(start, length) of every occurrence of a control token's text, overlapping ones included."""
+        if self._first is None:
+            return []
+        table, lengths = self.table, self.lengths
+        out = []
+        for m in self._first.finditer(text):
+            p = m.start()
+            for n in lengths:
+                if text[p:p + n] in table:
+                    out.append((p, n))
+        return out
+
+    def _select(self, text: str) -> list[tuple[int, int]]:
+        """The occurrences llama.cpp turns into tokens: longest first, then leftmost, never overlapping."""
+        occ = sorted(self._occurrences(text), key=lambda o: (-o[1], o[0]))
+        taken = bytearray(len(text))
+        chosen = []
+        for p, n in occ:
+            if not any(taken[p:p + n]):
+                taken[p:p + n] = b"\x01" * n
+                chosen.append((p, n))
+        chosen.sort()
+        return chosen
+
+    def partition(self, text: str) -> list[Union[str, int]]:
+        """``text`` as llama.cpp's parse_special partition sees it: raw text pieces (str) and control token ids."""
+        out: list[Union[str, int]] = []
+        pos, strip_next = 0, False
+        for p, n in self._select(text):
+            piece = text[pos:p]
+            if strip_next:
+                piece = piece.lstrip(_ASCII_SPACE)
+            tid, attr = self.table[text[p:p + n]]
+            if attr & self.lstrip:
+                piece = piece.rstrip(_ASCII_SPACE)
+            if piece:
+                out.append(piece)
+            out.append(tid)
+            strip_next = bool(attr & self.rstrip)
+            pos = p + n
+        piece = text[pos:].lstrip(_ASCII_SPACE) if strip_next else text[pos:]
+        if piece:
+            out.append(piece)
+        return out
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) ranges of ``text`` to keep apart from the template: every control token text in it,
+        and a start (end) that could complete one together with the text before (after) it. Merged."""
+        ranges = [(p, p + n) for p, n in self._occurrences(text)]
+        if self.table and text:
+            longest = self.lengths[0]
+            for n in range(min(longest - 1, len(text)), 0, -1):
+                if text[:n] in self._suffixes:
+                    ranges.append((0, n))
+                    break
+            for n in range(min(longest - 1, len(text)), 0, -1):
+                if text[-n:] in self._prefixes:
+                    ranges.append((len(text) - n, len(text)))
+                    break
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+            else:
+                merged.append((a, b))
+        return merged
+
+
+class _Placeholders:
+    """Stand-ins for control-token text found in messages while the template renders: plain ASCII
+    letters and digits (``tojson``, ``trim`` and ``replace`` leave them alone), unique to one render."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(8)
+        self.originals: list[str] = []
+        self._pattern = re.compile(f"PYLLM{self.nonce}Q([0-9]+)Z")
+
+    def hide(self, text: str, controls: ControlTokens) -> str:
+        spans = controls.spans(text)
+        if not spans:
+            return text
+        out, pos = [], 0
+        for a, b in spans:
+            out.append(text[pos:a])
+            out.append(f"PYLLM{self.nonce}Q{len(self.originals)}Z")
+            self.originals.append(text[a:b])
+            pos = b
+        out.append(text[pos:])
+        return "".join(out)
+
+    def hide_all(self, value: Any, controls: ControlTokens) -> Any:
+        """A copy of ``value`` (str, dict, list, tuple and scalars, nested) with every str hidden, keys included."""
+        if isinstance(value, str):
+            return self.hide(value, controls)
+        if isinstance(value, dict):
+            return {self.hide_all(k, controls): self.hide_all(v, controls) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.hide_all(v, controls) for v in value)
+        return value
+
+    def restore(self, text: str) -> str:
+        return self._pattern.sub(lambda m: self.originals[int(m.group(1))], text) if self.originals else text
+
+    def check_intact(self, text: str, source: str) -> None:
+        """A template that cut or re-cased a stand-in would leave text that is neither the message's nor
+        safe to parse: refuse it."""
+        if self.originals and len(re.findall(f"pyllm{self.nonce[:6]}", text, re.IGNORECASE)) != \
+                len(self._pattern.findall(text)):
+            raise ChatTemplateError(f"chat template {source} altered message text that contains special-token "
+                                    "text (cut or changed its case); such a message cannot be rendered safely")
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered conversation. ``text``: the prompt as Hugging Face's ``apply_chat_template`` renders it;
+    ``tokens``: its token ids, in which only the template's own markup became control tokens (text that
+    came from the messages, tools or template arguments is tokenized as plain text); ``generation_prompt``:
+    what ``add_generation_prompt`` appended (the template's own text, e.g. ``<start_of_turn>model\n``)."""
+
+    text: str
+    tokens: list[int]
+    generation_prompt: str = ""
+
+
+def tokenize_prompt(model: Any, pieces: Sequence[Union[str, int]], *, add_special: bool) -> list[int]:
+    """Ids of a partitioned prompt (see :meth:`ControlTokens.partition`): each raw piece tokenized as plain
+    text, control tokens as they are; ``add_special`` adds what llama.cpp adds around a text (BOS, EOS ...)."""
+    out: list[int] = []
+    for piece in pieces:
+        out.extend(model.tokenize(piece, add_special=False, parse_special=False) if isinstance(piece, str) else (piece,))
+    if add_special:
+        before, after = model.special_frame()
+        return list(before) + out + list(after)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # reasoning
 # ---------------------------------------------------------------------------------------------------
 REASONING = "reasoning"
@@ -544,18 +752,25 @@ def split_reasoning(text: str, start: str = "<think>", end: str = "</think>",
     return reasoning.strip(), content.strip()
 
 
-def reasoning_parser_for(prompt_text: str, template: Optional[ChatTemplate] = None) -> Optional[ReasoningParser]:
-    """A parser when the template (or the prompt) uses ``<think>`` tags, else None.
+def reasoning_parser_for(prompt: Union[str, ChatPrompt], template: Optional[ChatTemplate] = None) -> Optional[ReasoningParser]:
+    """A parser when the template uses ``<think>`` tags, else None. Decided from the template alone (its
+    text, and the generation prompt it appended), never from message text: a conversation that quotes
+    ``<think>`` does not turn the split on.
 
-    It starts inside the reasoning block when the rendered prompt ends with an open ``<think>``
-    (GLM-4.7-Flash, DeepSeek-R1); with thinking turned off those templates close the block in the
-    prompt (``</think>``) and the reply is content.
+    It starts inside the reasoning block when the generation prompt ends with an open ``<think>``
+    (GLM-4.7-Flash, DeepSeek-R1); with thinking turned off those templates close the block there
+    (``</think>``) and the reply is content. ``prompt``: a ChatPrompt (from render_prompt), or the
+    rendered text, whose end is then taken as the template's generation prompt.
     """
     start, end = "<think>", "</think>"
     source = template.text if template is not None and template.text else ""
-    if end not in source and start not in prompt_text:
+    if isinstance(prompt, ChatPrompt):
+        generation = prompt.generation_prompt
+    else:
+        generation = prompt[-64:] if prompt.rstrip().endswith(start) else ""
+    if end not in source and start not in generation:
         return None
-    return ReasoningParser(start, end, starts_in_reasoning=prompt_text.rstrip().endswith(start))
+    return ReasoningParser(start, end, starts_in_reasoning=generation.rstrip().endswith(start))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -595,9 +810,9 @@ def join_pieces(pieces: Iterable[tuple[str, str]]) -> tuple[str, str]:
 
 
 __all__ = [
-    "CONTENT", "ChatResult", "ChatTemplate", "REASONING", "ReasoningParser", "available_templates",
-    "builtin_templates", "join_pieces", "reasoning_parser_for", "resolve_template", "shipped_templates",
-    "split_reasoning", "templates_dir", "validate_messages",
+    "CONTENT", "ChatPrompt", "ChatResult", "ChatTemplate", "ControlTokens", "REASONING", "ReasoningParser",
+    "available_templates", "builtin_templates", "join_pieces", "reasoning_parser_for", "resolve_template", "shipped_templates",
+    "split_reasoning", "templates_dir", "tokenize_prompt", "validate_messages",
 ]
 
 

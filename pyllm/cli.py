@@ -450,7 +450,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
                                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
                                       default_max_tokens=args.n_predict,
-                                      log_level="debug" if args.verbose >= 2 else "info")
+                                      log_level="debug" if args.verbose >= 2 else "info",
+                                      special_in_messages=True if args.special_in_messages else None)
     return serve(config, settings)
 
 
@@ -468,6 +469,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
     p.add_argument("-n", "--n-predict", type=int, help="max_tokens of requests that give none "
                                                        "(env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / n_parallel - prompt)")
+    p.add_argument("--special-in-messages", action="store_true",
+                   help="parse control tokens written in message text (<end_of_turn> ...), as llama-server does "
+                        "(env PYLLM_SPECIAL_IN_MESSAGES=1); default: message text is plain text, so no message "
+                        "can close its turn or forge another")
     p.set_defaults(func=cmd_serve)
 
 

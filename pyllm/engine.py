@@ -174,7 +174,10 @@ class Engine:
         if not isinstance(prompt, str):
             raise ConfigError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if chat:
-            return self.tokenize_chat_text(self.format_chat(prompt))
+            prompt_obj, _ = self.chat_prompt([{"role": "user", "content": prompt}], enable_thinking=None)
+            if not prompt_obj.tokens:
+                raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
+            return prompt_obj.tokens
         if prompt == "":
             raise ConfigError("prompt is empty; expected at least one character")
         return self.model.tokenize(prompt, add_special=True, parse_special=False)
@@ -307,11 +310,20 @@ class Engine:
                     **template_kwargs) -> tuple[str, "chat_mod.ChatTemplate"]:
         """The prompt text for ``messages`` and the template that rendered it (``template``: as for
         Model.apply_chat_template; default the config's chat_template, else the model's own)."""
+        prompt, tmpl = self.chat_prompt(messages, template=template, enable_thinking=enable_thinking, tools=tools,
+                                        **template_kwargs)
+        return prompt.text, tmpl
+
+    def chat_prompt(self, messages: Sequence[dict], *, template: Optional[str] = None,
+                    enable_thinking: Optional[bool] = None, tools: Optional[list] = None,
+                    **template_kwargs) -> tuple["chat_mod.ChatPrompt", "chat_mod.ChatTemplate"]:
+        """``messages`` rendered and tokenized (a ChatPrompt: text, tokens, generation prompt) and the
+        template; message text is tokenized as plain text, never as control tokens (ChatTemplate.render_prompt)."""
         tmpl = chat_mod.resolve_template(template if template is not None else self.config.chat_template, self.model)
         # llama-server always passes enable_thinking (true unless turned off); llama.cpp's own fixed
         # templates (llama-cpp-deepseek-r1, DeepSeek-R1-Distill) close the think block when it is missing.
         template_kwargs["enable_thinking"] = True if enable_thinking is None else bool(enable_thinking)
-        prompt = tmpl.render(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        prompt = tmpl.render_prompt(messages, self.model, add_generation_prompt=True, tools=tools, **template_kwargs)
         return prompt, tmpl
 
     def stream_chat(
@@ -332,10 +344,12 @@ class Engine:
         ``reasoning_content``). ``enable_thinking=False`` asks the template to turn thinking off;
         other keyword arguments (``reasoning_effort`` ...) are passed to the template.
         """
-        prompt, tmpl = self.render_chat(messages, template=template, enable_thinking=enable_thinking, tools=tools,
-                                        **template_kwargs)
-        tokens = self.tokenize_chat_text(prompt)
-        parser = chat_mod.reasoning_parser_for(prompt, tmpl)
+        chat_prompt, tmpl = self.chat_prompt(messages, template=template, enable_thinking=enable_thinking, tools=tools,
+                                             **template_kwargs)
+        prompt, tokens = chat_prompt.text, chat_prompt.tokens
+        if not tokens:
+            raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
+        parser = chat_mod.reasoning_parser_for(chat_prompt, tmpl)
         pieces: list[tuple[str, str]] = []
         gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
         try:

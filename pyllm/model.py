@@ -128,6 +128,8 @@ class Model(NativeHandle):
         self._vocab = lib.llama_model_get_vocab(self._ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._piece_buf = ffi.new("char[]", 256)
+        self._control_tokens = None
+        self._special_frame: Optional[tuple[list[int], list[int]]] = None
 
     # ---- lifetime ----
     def close(self) -> None:
@@ -241,6 +243,10 @@ class Model(NativeHandle):
     def add_bos(self) -> bool:
         return bool(lib.llama_vocab_get_add_bos(self.vocab_ptr))
 
+    @property
+    def add_eos(self) -> bool:
+        return bool(lib.llama_vocab_get_add_eos(self.vocab_ptr))
+
     def is_eog(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.vocab_ptr, token))
 
@@ -250,6 +256,33 @@ class Model(NativeHandle):
         for i, t in enumerate(tokens):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
                 raise TokenizeError(f"token id {t!r} at index {i} is outside the vocabulary; expected 0 <= id < {n}")
+
+    def control_tokens(self) -> "chat.ControlTokens":
+        """The vocabulary's control tokens (CONTROL and UNKNOWN attributes: what only parse_special turns
+        text into), read once from llama.cpp's vocab and kept; see pyllm.chat.ControlTokens."""
+        if self._control_tokens is None:
+            vocab = self.vocab_ptr
+            mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+            table: dict[str, tuple[int, int]] = {}
+            for tid in range(self.n_vocab):
+                attr = int(lib.llama_vocab_get_attr(vocab, tid))
+                if attr & mask:
+                    text = ffi.string(lib.llama_vocab_get_text(vocab, tid)).decode("utf-8", "replace")
+                    if text:
+                        table.setdefault(text, (tid, attr))
+            self._control_tokens = chat.ControlTokens(table, int(lib.LLAMA_TOKEN_ATTR_LSTRIP),
+                                                      int(lib.LLAMA_TOKEN_ATTR_RSTRIP))
+        return self._control_tokens
+
+    def special_frame(self) -> tuple[list[int], list[int]]:
+        """The ids ``tokenize(..., add_special=True)`` puts before and after a text (BOS; EOS, SEP or CLS
+        where the vocabulary adds them), as llama.cpp's tokenizer adds them; read once."""
+        if self._special_frame is None:
+            bare = self.tokenize("a", add_special=False)
+            full = self.tokenize("a", add_special=True)
+            at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), len(full))
+            self._special_frame = (full[:at], full[at + len(bare):])
+        return self._special_frame
 
     def tokenize_chat(self, text: str) -> list[int]:
         """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when the

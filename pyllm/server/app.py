@@ -361,6 +361,7 @@ def create_app(
     default_max_tokens: Optional[int] = None,
     close_engine: Optional[bool] = None,
     on_load_error: Optional[Callable[[BaseException], None]] = None,
+    special_in_messages: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` (a pyllm.batched.BatchedEngine).
 
@@ -370,6 +371,9 @@ def create_app(
     and requests may name (default: the model file's name and its stem). ``close_engine``: close the
     engine at shutdown (default: only an engine the app loaded itself). ``default_max_tokens``: for
     requests without max_tokens (default: the request's share of the KV pool, n_ctx / n_parallel).
+    ``special_in_messages``: tokenize message text with special-token parsing, as llama-server does, so a
+    client can write control tokens such as ``<end_of_turn>`` in a message (default False: message text is
+    plain text and only the chat template's own markup becomes control tokens; see ChatTemplate.render_prompt).
     """
     if (engine is None) == (loader is None):
         raise ConfigError("create_app needs exactly one of engine= (a BatchedEngine) or loader= (a callable)")
@@ -378,6 +382,8 @@ def create_app(
     if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or
                                            not isinstance(default_max_tokens, int) or default_max_tokens < 1):
         raise ConfigError(f"default_max_tokens={default_max_tokens!r} is out of range; expected an integer >= 1")
+    if not isinstance(special_in_messages, bool):
+        raise ConfigError(f"special_in_messages={special_in_messages!r} is not a bool; expected True or False")
     state = _State()
     owns = (loader is not None) if close_engine is None else close_engine
     created = int(time.time())
@@ -653,18 +659,20 @@ def create_app(
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                            param="chat_template_kwargs")
 
-        def render_and_tokenize() -> tuple[str, list[int]]:
-            text = tmpl.render(messages, add_generation_prompt=True, tools=body.tools, **kwargs)
-            return text, eng.model.tokenize_chat(text)
+        def render_and_tokenize():
+            # Message text is plain text to the tokenizer: only the template's markup becomes control tokens.
+            return tmpl.render_prompt(messages, eng.model, add_generation_prompt=True, tools=body.tools,
+                                      special_in_messages=special_in_messages, **kwargs)
 
         try:
-            prompt_text, tokens = await asyncio.to_thread(render_and_tokenize)
+            prompt = await asyncio.to_thread(render_and_tokenize)
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
+        tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
         max_tokens = cap_tokens(eng, len(tokens), body.max_completion_tokens or body.max_tokens)
-        parser = reasoning_parser_for(prompt_text, tmpl)
+        parser = reasoning_parser_for(prompt, tmpl)
         req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos, n_logprobs)
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

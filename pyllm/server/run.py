@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pyllm.config import INT32_MAX, EngineConfig, Environment, check_int, check_seconds
+from pyllm.config import INT32_MAX, EngineConfig, Environment, check_bool, check_int, check_seconds
 from pyllm.errors import ConfigError
 from pyllm.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 
@@ -23,6 +23,8 @@ SERVER_ENV_VARS: dict[str, str] = {
     "PYLLM_MAX_BODY_BYTES": f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
     "PYLLM_MAX_QUEUE": "requests that may wait for a free sequence before 503 (default 64)",
     "PYLLM_DEFAULT_MAX_TOKENS": "max_tokens of requests that give none (default: n_ctx / n_parallel - prompt)",
+    "PYLLM_SPECIAL_IN_MESSAGES": "1: parse control tokens written in message text, as llama-server does "
+                                 "(default 0: message text is plain text; only the template's markup is special)",
 }
 
 # (variable, field, minimum, maximum) of the integer settings.
@@ -45,6 +47,7 @@ class ServeSettings:
     max_queue: int = 64
     default_max_tokens: Optional[int] = None
     log_level: str = "info"
+    special_in_messages: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -52,6 +55,7 @@ class ServeSettings:
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None
         self.grace_s = check_seconds("grace", self.grace_s, maximum=3600, allow_zero=True)
+        self.special_in_messages = check_bool("special_in_messages", self.special_in_messages)
         for _var, name, minimum, maximum in _INT_SETTINGS:
             if getattr(self, name) is not None or name != "default_max_tokens":
                 check_int(name, getattr(self, name), minimum=minimum, maximum=maximum)
@@ -72,6 +76,8 @@ class ServeSettings:
             kw["api_key"] = key
         if (grace := env.get("PYLLM_SHUTDOWN_GRACE")) is not None and grace.strip():
             kw["grace_s"] = check_seconds(env.source("PYLLM_SHUTDOWN_GRACE"), grace, maximum=3600, allow_zero=True)
+        if (special := env.get("PYLLM_SPECIAL_IN_MESSAGES")) is not None and special.strip():
+            kw["special_in_messages"] = check_bool(env.source("PYLLM_SPECIAL_IN_MESSAGES"), special)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -136,6 +142,7 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
         loader=lambda: BatchedEngine(config, max_queue=settings.max_queue),
         api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
         max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens, close_engine=True, on_load_error=load_failed,
+        special_in_messages=settings.special_in_messages,
     )
     import uvicorn
 

@@ -1,5 +1,7 @@
 /* Vocabulary, tokenization and detokenization. */
-enum llama_token_attr { LLAMA_TOKEN_ATTR_UNDEFINED = ..., LLAMA_TOKEN_ATTR_CONTROL = ..., LLAMA_TOKEN_ATTR_BYTE = ..., ... };
+enum llama_token_attr { LLAMA_TOKEN_ATTR_UNDEFINED = ..., LLAMA_TOKEN_ATTR_UNKNOWN = ..., LLAMA_TOKEN_ATTR_CONTROL = ...,
+                        LLAMA_TOKEN_ATTR_USER_DEFINED = ..., LLAMA_TOKEN_ATTR_BYTE = ..., LLAMA_TOKEN_ATTR_LSTRIP = ...,
+                        LLAMA_TOKEN_ATTR_RSTRIP = ..., ... };
 
 enum llama_vocab_type llama_vocab_type(const struct llama_vocab * vocab);
 int32_t      llama_vocab_n_tokens(const struct llama_vocab * vocab);
