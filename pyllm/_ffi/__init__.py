@@ -8,6 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+def _missing_extension(exc: ImportError) -> str:
+    """Why the compiled module is missing, and what to do: a source checkout that shadows the installed
+    package (Python puts the current directory first) is the common case, and installing again would not help."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    if (checkout / "vendor" / "fetch.py").is_file():
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            installed = version("pyllm")
+        except PackageNotFoundError:
+            installed = None
+        if installed is not None:
+            return (f"pyllm was imported from the source checkout {package}, which has no compiled module, instead "
+                    f"of the installed pyllm {installed}: the checkout's root is on sys.path (the current directory, "
+                    "or `python -m` run there). Run from another directory, or install the checkout in editable "
+                    "mode: `pip install --no-build-isolation -Ceditable.rebuild=false -e .` (README: Set-up).")
+    return (f"pyllm's compiled extension (pyllm._ffi._native) could not be imported: {exc}. Build and install the "
+            "package with `python3 vendor/fetch.py && pip install .` (importing pyllm from a source checkout "
+            "without installing it does not work).")
+
+
 try:
     from pyllm._ffi._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only on a broken or missing build
@@ -18,11 +40,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken or missing bui
             "`export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH` (or the lib folder of the "
             "nvidia-cuda-runtime / nvidia-cublas wheels), then import again."
         ) from exc
-    raise ImportError(
-        "pyllm's compiled extension (pyllm._ffi._native) could not be imported: "
-        f"{exc}. Build and install the package with `python3 vendor/fetch.py && pip install .` "
-        "(importing pyllm from a source checkout without installing it does not work)."
-    ) from exc
+    raise ImportError(_missing_extension(exc)) from exc
 
 
 def _source_version() -> str:
