@@ -348,12 +348,10 @@ class BatchedEngine:
 
     # ---- tokens ----
     def tokenize(self, text: str, *, parse_special: bool = False) -> list[int]:
-        """Text to ids as submit() does: BOS added as the model asks, never twice."""
+        """Text to ids as submit() does: BOS added as the model asks, never twice (Model.tokenize_prompt)."""
         if not isinstance(text, str):
             raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str")
-        if parse_special:  # a rendered chat template may already start with the BOS token's text
-            return self.model.tokenize_chat(text)
-        return self.model.tokenize(text, add_special=True)
+        return self.model.tokenize_prompt(text, parse_special=parse_special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.model.detokenize(ids)

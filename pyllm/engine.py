@@ -177,7 +177,7 @@ class Engine:
             return self.tokenize_chat_text(self.format_chat(prompt))
         if prompt == "":
             raise ConfigError("prompt is empty; expected at least one character")
-        return self.model.tokenize(prompt, add_special=True, parse_special=False)
+        return self.model.tokenize_prompt(prompt)
 
     def ingest(self, tokens: list[int]) -> int:
         """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded."""

@@ -254,9 +254,25 @@ class Model(NativeHandle):
     def tokenize_chat(self, text: str) -> list[int]:
         """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when the
         template already wrote the BOS token's text at the start (as most templates do)."""
-        bos = self.bos
-        bos_text = self.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
-        return self.tokenize(text, add_special=not (bos_text and text.startswith(bos_text)), parse_special=True)
+        return self.tokenize_prompt(text, parse_special=True)
+
+    def tokenize_prompt(self, text: Union[str, bytes], *, add_special: bool = True,
+                        parse_special: bool = False) -> list[int]:
+        """Tokenize a prompt: as ``tokenize``, except that the BOS llama.cpp adds (``add_special``, when the
+        model asks for one) is dropped when the text's own first token is already BOS (its text, e.g.
+        ``<bos>``, parsed with ``parse_special``: a client that rendered a chat template itself). Every
+        place where a prompt's text becomes tokens uses this one rule."""
+        if add_special and parse_special and self.add_bos and self.bos >= 0:
+            bos_text = self.token_to_piece(self.bos, special=True)
+            data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+            if bos_text and isinstance(data, (bytes, bytearray)) and data.startswith(bos_text):
+                # The text after its own BOS, with llama.cpp's specials (the BOS, an EOS where the model
+                # asks for one): the same tokens as the whole text minus the second BOS, without
+                # llama.cpp's "2 BOS tokens" warning. (A special token ends a fragment, so the rest
+                # tokenizes as it would after it.)
+                rest = text[len(bos_text.decode("utf-8", "replace")):] if isinstance(text, str) else data[len(bos_text):]
+                return self.tokenize(rest, add_special=True, parse_special=True)
+        return self.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` maps
