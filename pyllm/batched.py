@@ -45,7 +45,7 @@ from pyllm.errors import (
     check_decode,
 )
 from pyllm.model import Model
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import Sampler, SamplingParams, argmax_biased, bias_arrays
 from pyllm.textstream import TextStream
 
 logger = logging.getLogger("pyllm")
@@ -102,6 +102,7 @@ class Request:
         self._pos = 0                            # tokens of this sequence in the KV cache
         self._pending = -1                       # sampled token to decode next step (-1: prefilling)
         self._sampler: Optional[Sampler] = None
+        self._bias = None                        # greedy without a chain: the logit bias as arrays
         self._text: Optional[TextStream] = None
         self._t_admit = 0
         self._t_first = 0
@@ -397,6 +398,7 @@ class BatchedEngine:
         for name, value in (("ignore_eos", ignore_eos), ("parse_special", parse_special)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
+        sampling.check_vocab(self.model.n_vocab)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise ConfigError(f"logprobs={logprobs!r} is out of range; expected None or an integer in "
@@ -689,6 +691,8 @@ class BatchedEngine:
         req._text = TextStream(req.stops)
         if not req.sampling.is_plain_greedy:
             req._sampler = Sampler(req.sampling, self.model.n_vocab)
+        else:
+            req._bias = bias_arrays(req.sampling)
         self._active.append(req)
         with self._cond:
             self._counters["prompt_tokens_total"] += req.n_prompt
@@ -770,7 +774,9 @@ class BatchedEngine:
             r._pos += n
         for r, idx in rows:
             try:
-                if r._sampler is None:
+                if r._sampler is None and r._bias is not None:
+                    token = argmax_biased(lib.llama_get_logits_ith(self._ctx_ptr, idx), self.model.n_vocab, r._bias)
+                elif r._sampler is None:
                     token = int(lib.pyllm_argmax_logits(self._ctx_ptr, idx, self.model.n_vocab))
                 else:
                     token = int(lib.llama_sampler_sample(r._sampler.ptr, self._ctx_ptr, idx))

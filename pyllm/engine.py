@@ -16,7 +16,7 @@ from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
 from pyllm.model import Model
 from pyllm.placement import Placement
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import Sampler, SamplingParams, bias_arrays
 from pyllm.textstream import TextStream
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -222,6 +222,7 @@ class Engine:
             raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = dataclasses.replace(sampling, seed=self.config.seed)
+        sampling.check_vocab(self.model.n_vocab)
         prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
         check_fits(len(prompt_tokens), max_tokens, self.context.n_ctx)
         result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason=StopReason.MAX_TOKENS)
@@ -244,22 +245,23 @@ class Engine:
             return result
         result.prompt_ns = time.perf_counter_ns() - t0
         sampler = None if sampling.is_plain_greedy else Sampler(sampling, self.model.n_vocab)
+        bias = bias_arrays(sampling) if sampler is None else None
         try:
-            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos)
+            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos, bias)
         finally:
             if sampler is not None:
                 sampler.close()
         return result
 
     def _generate(self, result: GenerationResult, max_tokens: Optional[int], sampler: Optional[Sampler],
-                  text: TextStream, ignore_eos: bool) -> Generator[str, None, None]:
+                  text: TextStream, ignore_eos: bool, bias=None) -> Generator[str, None, None]:
         """The decode loop: sample, stop checks, detokenize, decode the token; fills ``result``."""
         ctx, model = self.context, self.model
         pieces: list[str] = []
         out_tokens, cached = result.tokens, self._cached
         limit = max_tokens if max_tokens is not None else ctx.n_ctx
         is_eog, piece_of = model.is_eog, model.token_to_piece
-        argmax, decode_one = ctx.argmax, ctx.decode_one
+        argmax, decode_one = (lambda: ctx.argmax(-1, bias)), ctx.decode_one
         t1 = time.perf_counter_ns()
         try:
             while len(out_tokens) < limit:

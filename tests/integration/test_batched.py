@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import signal
@@ -121,6 +122,25 @@ def test_stop_strings_and_max_tokens(engine, single):
     assert r.stop_reason == "stop"
     assert r.text == ref.text[: ref.text.index(stop)] and stop not in r.text
     assert engine.submit(prompt, max_tokens=24, stop=stop).wait().text == r.text  # a bare str is one stop
+
+
+def test_logit_bias_on_the_greedy_fast_path_and_in_the_sampler_chain(engine, single):
+    prompt = "The capital of France is"
+    first = engine.submit(prompt, max_tokens=1).wait().tokens[0]
+    ban = SamplingParams(temperature=0.0, logit_bias={first: -math.inf})
+    fast = engine.submit(prompt, max_tokens=6, sampling=ban).wait()       # argmax read in place, bias added
+    assert fast.tokens and first not in fast.tokens
+    # The chain (llama.cpp's logit-bias sampler; top_k=1 makes it deterministic) picks the same tokens.
+    chain = SamplingParams(temperature=1.0, top_k=1, seed=1, logit_bias={first: -math.inf})
+    assert engine.submit(prompt, max_tokens=6, sampling=chain).wait().tokens == fast.tokens
+    single.reset()
+    assert single.generate(prompt, max_tokens=6, sampling=ban).tokens == fast.tokens
+    boosted = engine.submit(prompt, max_tokens=4, sampling=SamplingParams(temperature=0.0, logit_bias={first + 1: 100})).wait()
+    assert boosted.tokens == [first + 1] * 4
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.submit(prompt, sampling=SamplingParams(temperature=0.0, logit_bias={engine.model.n_vocab: 1.0}))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        single.generate(prompt, sampling=SamplingParams(temperature=0.0, logit_bias={engine.model.n_vocab: 1.0}))
 
 
 def test_chat_text_gets_one_bos(engine):
