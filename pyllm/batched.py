@@ -376,7 +376,8 @@ class BatchedEngine:
 
         ``prompt``: text (tokenized with BOS; ``parse_special=True`` for chat-rendered text) or token
         ids. ``max_tokens=None`` generates until end-of-generation or the sequence's limit (it then
-        reserves ``n_ctx_seq`` cells). Raises ConfigError (bad arguments), ContextFullError (can never
+        reserves ``n_ctx_seq`` cells). ``ignore_eos``: end-of-generation tokens are never sampled (a -inf
+        logit bias on each, as llama.cpp's --ignore-eos). Raises ConfigError (bad arguments), ContextFullError (can never
         fit one sequence), QueueFullError (``n_parallel + max_queue`` requests unfinished), ClosedError.
         ``logprobs``: None, or k in [0, 20]: ``Request.logprobs`` then gets each generated token's
         TokenLogprob with its k most likely alternatives (read from the logits row in the engine thread).
@@ -398,6 +399,8 @@ class BatchedEngine:
         for name, value in (("ignore_eos", ignore_eos), ("parse_special", parse_special)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
+        if ignore_eos:
+            sampling = sampling.with_banned(self.model.eog_tokens)
         sampling.check_vocab(self.model.n_vocab)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):

@@ -211,8 +211,9 @@ class Engine:
         then read its ``.result`` (a GenerationResult).
 
         ``prompt``: text, or a list of token ids. ``max_tokens=None`` generates until an
-        end-of-generation token or a full context; ``ignore_eos`` generates through end-of-generation
-        tokens (as llama.cpp's --ignore-eos; benchmarks use it to run exactly max_tokens steps).
+        end-of-generation token or a full context; ``ignore_eos``: end-of-generation tokens are never
+        sampled (a -inf logit bias on each, as llama.cpp's --ignore-eos; benchmarks use it to run exactly
+        max_tokens steps).
         Sampling without its own seed uses the engine's (``EngineConfig.seed``, ``LLAMA_SEED``).
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
@@ -222,6 +223,8 @@ class Engine:
             raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = dataclasses.replace(sampling, seed=self.config.seed)
+        if ignore_eos:
+            sampling = sampling.with_banned(self.model.eog_tokens)
         sampling.check_vocab(self.model.n_vocab)
         prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
         check_fits(len(prompt_tokens), max_tokens, self.context.n_ctx)
@@ -326,6 +329,7 @@ class Engine:
         enable_thinking: Optional[bool] = None,
         tools: Optional[list] = None,
         template: Optional[str] = None,
+        ignore_eos: bool = False,
         **template_kwargs,
     ) -> Generator[tuple[str, str], None, ChatResult]:
         """Yield the reply as ``(kind, text)`` pieces, kind ``"reasoning"`` or ``"content"``; return the ChatResult.
@@ -339,7 +343,7 @@ class Engine:
         tokens = self.tokenize_chat_text(prompt)
         parser = chat_mod.reasoning_parser_for(prompt, tmpl)
         pieces: list[tuple[str, str]] = []
-        gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos)
         try:
             while True:
                 try:

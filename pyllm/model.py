@@ -128,6 +128,7 @@ class Model(NativeHandle):
         self._vocab = lib.llama_model_get_vocab(self._ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._piece_buf = ffi.new("char[]", 256)
+        self._eog: Optional[tuple[int, ...]] = None
 
     # ---- lifetime ----
     def close(self) -> None:
@@ -273,6 +274,14 @@ class Model(NativeHandle):
                 rest = text[len(bos_text.decode("utf-8", "replace")):] if isinstance(text, str) else data[len(bos_text):]
                 return self.tokenize(rest, add_special=True, parse_special=True)
         return self.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    @property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, ...), as llama.cpp's is_eog says."""
+        if self._eog is None:
+            vocab, is_eog = self.vocab_ptr, lib.llama_vocab_is_eog
+            self._eog = tuple(t for t in range(self.n_vocab) if is_eog(vocab, t))
+        return self._eog
 
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` maps

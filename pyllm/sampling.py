@@ -56,6 +56,12 @@ class SamplingParams:
         bias added there, see ``argmax_biased``) gives the same token as the sampler chain."""
         return self.temperature == 0.0 and self.repeat_penalty == 1.0
 
+    def with_banned(self, tokens: Iterable[int]) -> "SamplingParams":
+        """These params with a -inf bias on ``tokens`` too (``ignore_eos``: the end-of-generation tokens,
+        as llama.cpp's --ignore-eos does)."""
+        extra = tuple((int(t), -math.inf) for t in tokens)
+        return dataclasses.replace(self, logit_bias=self.logit_bias + extra) if extra else self
+
     def check_vocab(self, n_vocab: int) -> None:
         """Raise ConfigError for a logit_bias token outside [0, n_vocab): llama.cpp would write out of bounds."""
         for token, _ in self.logit_bias:

@@ -151,33 +151,25 @@ def test_chat_text_gets_one_bos(engine):
     assert engine.submit("<bos>" + text, parse_special=True, max_tokens=1).n_prompt == len(toks)
 
 
-def test_eog_ends_generation(engine, monkeypatch):
-    # The default (base) model practically never emits an end-of-generation token, so a sampler chain
-    # with a logit bias on <end_of_turn> makes llama.cpp's sampler pick one.
-    import pyllm.batched as batched
-    from pyllm._ffi import ffi, lib
-    from pyllm._handle import NativeHandle
-
+def test_eog_ends_generation_and_ignore_eos_never_samples_it(engine, single):
+    # The default (base) model practically never emits an end-of-generation token, so a logit bias on
+    # <end_of_turn> makes it the greedy choice (the fast path and, with a repeat penalty, the chain).
     eot = engine.tokenize("<end_of_turn>", parse_special=True)[-1]
-    assert engine.model.is_eog(eot)
-
-    class EOGBiased(batched.Sampler):
-        def __init__(self, params, n_vocab):
-            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            NativeHandle.__init__(self, chain, lib.llama_sampler_free)
-            self.params = params
-            bias = ffi.new("llama_logit_bias[1]")
-            bias[0].token, bias[0].bias = eot, 100.0
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, 1, bias))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-
-    monkeypatch.setattr(batched, "Sampler", EOGBiased)
-    sp = SamplingParams(temperature=0.0, repeat_penalty=1.01)  # not plain greedy: uses the chain
-    other = engine.submit("Once upon a time", max_tokens=8)  # plain greedy, no chain: unaffected
-    r = engine.submit("The three primary colors are", max_tokens=16, sampling=sp).wait(30)
-    assert r.stop_reason == "eog" and r.tokens == [] and r.text == ""
-    forced = engine.submit("The three primary colors are", max_tokens=5, sampling=sp, ignore_eos=True).wait(30)
-    assert forced.stop_reason == "max_tokens" and forced.tokens == [eot] * 5
+    assert engine.model.is_eog(eot) and eot in engine.model.eog_tokens
+    prompt = "The three primary colors are"
+    other = engine.submit("Once upon a time", max_tokens=8)  # no bias: unaffected
+    for sp in (SamplingParams(temperature=0.0, logit_bias={eot: 100}),
+               SamplingParams(temperature=0.0, repeat_penalty=1.01, logit_bias={eot: 100})):
+        r = engine.submit(prompt, max_tokens=16, sampling=sp).wait(30)
+        assert r.stop_reason == "eog" and r.tokens == [] and r.text == ""
+        # ignore_eos as llama.cpp means it: end-of-generation tokens are never sampled (a -inf bias on
+        # each), not sampled and generated through.
+        forced = engine.submit(prompt, max_tokens=5, sampling=sp, ignore_eos=True).wait(30)
+        assert forced.stop_reason == "max_tokens" and len(forced.tokens) == 5 and forced.text.strip()
+        assert not any(engine.model.is_eog(t) for t in forced.tokens)
+        single.reset()
+        alone = single.generate(prompt, max_tokens=5, sampling=sp, ignore_eos=True)
+        assert alone.stop_reason == "max_tokens" and not any(engine.model.is_eog(t) for t in alone.tokens)
     assert other.wait(30).n_generated == 8
 
 
