@@ -525,6 +525,13 @@ def create_app(
     async def collect(request: Request, req, t0: float) -> list[str]:
         """All pieces of a request; a client that goes away cancels it (its KV cells are freed)."""
         pieces: list[str] = []
+        counted = []
+
+        def cancel() -> None:  # the disconnect and the clean-up below both get here: one cancellation
+            req.cancel()
+            if not counted:
+                counted.append(True)
+                metrics.cancelled.inc()
 
         async def consume() -> None:
             async for piece in req:
@@ -537,8 +544,7 @@ def create_app(
         try:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if task not in done:
-                req.cancel()
-                metrics.cancelled.inc()
+                cancel()
                 task.cancel()
                 raise APIError(499, "client disconnected")
             task.result()
@@ -546,8 +552,7 @@ def create_app(
         finally:
             watch.cancel()
             if not req.done:
-                req.cancel()
-                metrics.cancelled.inc()
+                cancel()
 
     async def finished(request: Request, req, t0: float):
         """The result of a non-streamed request (a client that goes away cancels it)."""
