@@ -163,8 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling_from_args(args)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
-        stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat,
-                               ignore_eos=args.ignore_eos)
+        stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (),
+                               chat=args.chat, ignore_eos=args.ignore_eos)
         out = sys.stdout
         for piece in stream:
             out.write(piece)

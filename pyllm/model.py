@@ -271,8 +271,8 @@ class Model(NativeHandle):
                 # asks for one): the same tokens as the whole text minus the second BOS, without
                 # llama.cpp's "2 BOS tokens" warning. (A special token ends a fragment, so the rest
                 # tokenizes as it would after it.)
-                rest = text[len(bos_text.decode("utf-8", "replace")):] if isinstance(text, str) else data[len(bos_text):]
-                return self.tokenize(rest, add_special=True, parse_special=True)
+                n = len(bos_text.decode("utf-8", "replace")) if isinstance(text, str) else len(bos_text)
+                return self.tokenize(text[n:], add_special=True, parse_special=True)
         return self.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     @property

@@ -84,7 +84,8 @@ def _bias_pairs(value: Union[Mapping, Iterable, None]) -> tuple[tuple[int, float
         token, bias = pair
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
             raise ConfigError(f"logit_bias token {token!r}: expected a token id (an integer >= 0)")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating)) or math.isnan(bias) or bias == math.inf:
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating)) or math.isnan(bias)
+                or bias == math.inf):
             raise ConfigError(f"logit_bias[{token}]={bias!r}: expected a finite number, or -inf to ban the token")
         out.append((int(token), float(bias)))
     return tuple(out)

@@ -55,7 +55,8 @@ def _no_forced_tool(v: Any) -> bool:
     return v is None or v in ("auto", "none")
 
 
-_STRUCTURED = "constrained output (grammar, json_schema, response_format json_object/json_schema) is not implemented yet"
+_STRUCTURED = ("constrained output (grammar, json_schema, response_format json_object/json_schema) is not "
+               "implemented yet")
 _TOOL_CALLS = "tool calls are not parsed (the reply comes back as text), so a required or named call cannot be given"
 
 # name -> (is the value neutral?, why it is refused otherwise)

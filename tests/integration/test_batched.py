@@ -135,7 +135,8 @@ def test_logit_bias_on_the_greedy_fast_path_and_in_the_sampler_chain(engine, sin
     assert engine.submit(prompt, max_tokens=6, sampling=chain).wait().tokens == fast.tokens
     single.reset()
     assert single.generate(prompt, max_tokens=6, sampling=ban).tokens == fast.tokens
-    boosted = engine.submit(prompt, max_tokens=4, sampling=SamplingParams(temperature=0.0, logit_bias={first + 1: 100})).wait()
+    boost = SamplingParams(temperature=0.0, logit_bias={first + 1: 100})
+    boosted = engine.submit(prompt, max_tokens=4, sampling=boost).wait()
     assert boosted.tokens == [first + 1] * 4
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         engine.submit(prompt, sampling=SamplingParams(temperature=0.0, logit_bias={engine.model.n_vocab: 1.0}))
