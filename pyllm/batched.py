@@ -8,12 +8,17 @@ Each loop step makes ONE ``llama_decode`` batch: the next token of every generat
 prompt chunks of newly admitted ones (at most one ``n_ubatch`` of prompt tokens while others are
 generating, so a long prompt does not stall them; up to ``n_batch`` otherwise).
 
-KV accounting (unified KV, the default): the pool has ``n_ctx`` cells shared by all sequences. A
-request is admitted only when ``n_prompt + max_tokens`` cells can be reserved for it next to the
-reservations of the running sequences and the cells held by idle prefix caches (the least recently
-used idle caches are evicted to make room). A running sequence therefore never runs out of cells and
-nothing is ever truncated. With ``kv_unified=False`` every sequence has its own ``n_ctx / n_parallel``
-cells (llama.cpp's split streams) and only a free slot is needed.
+KV accounting (unified KV, the default): the pool has ``n_ctx`` cells shared by all sequences, and
+each of the ``n_parallel`` slots has a share of ``n_ctx_share = n_ctx // n_parallel`` of them. A
+request is admitted when a slot is free and its cells can be reserved next to the reservations of the
+running sequences and the cells held by idle prefix caches (the least recently used idle caches are
+evicted to make room): ``n_prompt + max_tokens`` cells when that is within the share, else the share
+(or its prompt + 1, for a prompt longer than the share). A sequence that wants more than its share
+takes further cells one at a time while they are free and no waiting request needs them; when one
+does, the sequence ends there (``context_full``). So one long request runs alone as far as the pool
+allows, but it can never keep the other slots' requests waiting for more than one step, and nothing
+in the cache is ever truncated. With ``kv_unified=False`` every sequence has its own
+``n_ctx / n_parallel`` cells (llama.cpp's split streams) and only a free slot is needed.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from pyllm.errors import (
     check_decode,
 )
 from pyllm.model import Model
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import Sampler, SamplingParams, argmax_biased, bias_arrays
 from pyllm.textstream import TextStream
 
 logger = logging.getLogger("pyllm")
@@ -75,7 +80,8 @@ class Request:
     """
 
     def __init__(self, tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams,
-                 stops: list[str], ignore_eos: bool, reserve: int, logprobs: Optional[int] = None) -> None:
+                 stops: list[str], ignore_eos: bool, reserve: int, logprobs: Optional[int] = None,
+                 cache_prompt: bool = True) -> None:
         self.id = next(_ids)
         self.prompt_tokens = tokens
         self.n_prompt = len(tokens)
@@ -83,6 +89,7 @@ class Request:
         self.sampling = sampling
         self.stops = stops
         self.ignore_eos = ignore_eos
+        self.cache_prompt = cache_prompt          # reuse a cached prefix, keep the cells as one when done
         self.token_ids: list[int] = []           # generated ids so far (appended by the engine thread)
         self.n_logprobs = logprobs                # None: none; k: each token's logprob and its top k alternatives
         self.logprobs: list[TokenLogprob] = []   # one per token_ids entry when n_logprobs is not None
@@ -96,12 +103,14 @@ class Request:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._wake: Callable[[], None] = lambda: None
         # Owned by the engine thread:
-        self._reserve = reserve                  # cells this sequence may occupy at most
+        self._want = reserve                     # cells this sequence may occupy at most (prompt + max_tokens)
+        self._reserve = reserve                  # cells held for it now (admission; grows towards _want)
         self._arr = np.asarray(tokens, dtype=np.int32)
         self._slot: Optional[_Slot] = None
         self._pos = 0                            # tokens of this sequence in the KV cache
         self._pending = -1                       # sampled token to decode next step (-1: prefilling)
         self._sampler: Optional[Sampler] = None
+        self._bias = None                        # greedy without a chain: the logit bias as arrays
         self._text: Optional[TextStream] = None
         self._t_admit = 0
         self._t_first = 0
@@ -257,7 +266,8 @@ class BatchedEngine:
     ``BatchedEngine()`` reads the environment (``EngineConfig.from_env()``). ``max_queue``: how many
     requests may wait beyond the ``n_parallel`` running ones before ``submit`` raises QueueFullError.
     ``cache_prompt``: keep a finished sequence's cells as an idle prefix cache for later requests (as
-    llama-server does); they are evicted, least recently used first, when cells are needed.
+    llama-server does); they are evicted, least recently used first, when cells are needed. A request
+    can turn it off for itself (``submit(cache_prompt=False)``).
     """
 
     def __init__(self, config: Optional[EngineConfig] = None, *, model: Optional[Model] = None,
@@ -292,6 +302,8 @@ class BatchedEngine:
         self.n_ctx_seq = ctx.n_ctx_seq
         self.n_batch = ctx.n_batch
         self.n_ubatch = ctx.n_ubatch
+        # What one slot may hold while others wait for cells (the unified pool's fair share).
+        self.n_ctx_share = self.n_ctx // self.n_parallel if self.kv_unified else self.n_ctx_seq
         self._n_swa = max(1, model.n_swa)
         self._mem = ctx._memory
         self._ctx_ptr = ctx.ptr
@@ -348,12 +360,10 @@ class BatchedEngine:
 
     # ---- tokens ----
     def tokenize(self, text: str, *, parse_special: bool = False) -> list[int]:
-        """Text to ids as submit() does: BOS added as the model asks, never twice."""
+        """Text to ids as submit() does: BOS added as the model asks, never twice (Model.tokenize_prompt)."""
         if not isinstance(text, str):
             raise TokenizeError(f"cannot tokenize a {type(text).__name__}; expected str")
-        if parse_special:  # a rendered chat template may already start with the BOS token's text
-            return self.model.tokenize_chat(text)
-        return self.model.tokenize(text, add_special=True)
+        return self.model.tokenize_prompt(text, parse_special=parse_special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.model.detokenize(ids)
@@ -372,13 +382,20 @@ class BatchedEngine:
         ignore_eos: bool = False,
         parse_special: bool = False,
         logprobs: Optional[int] = None,
+        cache_prompt: Optional[bool] = None,
     ) -> Request:
         """Queue a generation; thread-safe. Returns at once with a Request.
 
-        ``prompt``: text (tokenized with BOS; ``parse_special=True`` for chat-rendered text) or token
-        ids. ``max_tokens=None`` generates until end-of-generation or the sequence's limit (it then
-        reserves ``n_ctx_seq`` cells). Raises ConfigError (bad arguments), ContextFullError (can never
-        fit one sequence), QueueFullError (``n_parallel + max_queue`` requests unfinished), ClosedError.
+        ``prompt``: text (tokenized with BOS, never a second one; ``parse_special=True`` for
+        chat-rendered text) or token ids. ``max_tokens``: at most this many tokens (0: the prompt is only
+        decoded into the cache); ``None`` generates until end-of-generation or the sequence's limit.
+        Beyond ``n_ctx_share`` cells (prompt included) a request in the unified pool runs only while no
+        waiting request needs those cells, else it ends as ``context_full`` (see the module's doc).
+        ``ignore_eos``: end-of-generation tokens are never sampled (a -inf logit bias on each, as
+        llama.cpp's --ignore-eos). ``cache_prompt``: None for the engine's setting; False: no cached
+        prefix is reused and this request's cells are freed, not kept, when it ends.
+        Raises ConfigError (bad arguments), ContextFullError (can never fit one sequence), QueueFullError
+        (``n_parallel + max_queue`` requests unfinished), ClosedError.
         ``logprobs``: None, or k in [0, 20]: ``Request.logprobs`` then gets each generated token's
         TokenLogprob with its k most likely alternatives (read from the logits row in the engine thread).
         """
@@ -399,6 +416,11 @@ class BatchedEngine:
         for name, value in (("ignore_eos", ignore_eos), ("parse_special", parse_special)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
+        if cache_prompt is not None and not isinstance(cache_prompt, bool):
+            raise ConfigError(f"cache_prompt={cache_prompt!r} is not a bool; expected True, False or None")
+        if ignore_eos:
+            sampling = sampling.with_banned(self.model.eog_tokens)
+        sampling.check_vocab(self.model.n_vocab)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise ConfigError(f"logprobs={logprobs!r} is out of range; expected None or an integer in "
@@ -414,8 +436,9 @@ class BatchedEngine:
             )
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = SamplingParams(**{**sampling.__dict__, "seed": self.config.seed})
-        reserve = n + max_tokens if max_tokens is not None else limit
-        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, reserve, logprobs)
+        want = n + max_tokens if max_tokens is not None else limit
+        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, want, logprobs,
+                      self.cache_prompt if cache_prompt is None else cache_prompt)
         req._wake = self._wake
         with self._cond:
             if self._closing:
@@ -559,6 +582,7 @@ class BatchedEngine:
         with self._cond:
             out = {
                 "n_parallel": self.n_parallel, "n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq,
+                "n_ctx_share": self.n_ctx_share,
                 "kv_unified": self.kv_unified, "active": self._unfinished - len(self._queue),
                 "queued": len(self._queue), "max_queue": self.max_queue,
             }
@@ -659,26 +683,61 @@ class BatchedEngine:
             with self._cond:
                 self._queue.popleft()
 
+    def _base(self, req: Request) -> int:
+        """The cells reserved for a request at admission: all it may need when that is within the share,
+        else the share (at least its prompt and one token); it grows from there (``_grow``)."""
+        if not self.kv_unified or req._want <= self.n_ctx_share:
+            return req._want
+        return max(self.n_ctx_share, req.n_prompt + 1)
+
     def _try_admit(self, req: Request) -> bool:
         free = [s for s in self._slots if s.req is None]
         if not free:
             return False
-        head = req._arr[:-1]  # the last prompt token is always decoded: its logits give the first token
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, head), not s.cached, -s.last_used))
-        keep = _common_prefix(slot.cached, head)
+        if req.cache_prompt:
+            head = req._arr[:-1]  # the last prompt token is always decoded: its logits give the first token
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, head), not s.cached, -s.last_used))
+            keep = _common_prefix(slot.cached, head)
+        else:  # nothing reused: an empty slot, else the least recently used cache
+            slot = min(free, key=lambda s: (bool(s.cached), s.last_used))
+            keep = 0
+        base = self._base(req)
         if self.kv_unified:
             held = sum(r._reserve for r in self._active)
-            idle = sorted((s for s in free if s is not slot and s.cached), key=lambda s: s.last_used)
-            cached = sum(len(s.cached) for s in idle)
-            if held + cached + req._reserve > self.n_ctx:
-                if held + req._reserve > self.n_ctx:
-                    return False  # wait for running sequences to finish; evict nothing yet
-                for s in idle:  # least recently used first
-                    if held + cached + req._reserve <= self.n_ctx:
-                        break
-                    cached -= len(s.cached)
-                    self._clear_slot(s)
+            if held + base > self.n_ctx:
+                return False  # wait for running sequences to finish (or to stop growing); evict nothing yet
+            self._make_room(held + base, exclude=slot)
+        req._reserve = base
         self._bind(req, slot, self._trim_slot(slot, keep))
+        return True
+
+    def _make_room(self, need: int, exclude: Optional[_Slot] = None) -> None:
+        """Evict idle prefix caches, least recently used first, until ``need`` reserved cells and the
+        remaining caches fit in the pool."""
+        idle = sorted((s for s in self._slots if s.req is None and s is not exclude and s.cached),
+                      key=lambda s: s.last_used)
+        cached = sum(len(s.cached) for s in idle)
+        for s in idle:
+            if need + cached <= self.n_ctx:
+                break
+            cached -= self._clear_slot(s)
+
+    def _grow(self, r: Request) -> bool:
+        """One more cell for a running sequence that has filled its reservation and may hold more (its
+        max_tokens goes beyond its share of the unified pool). Granted while the cell is free and no
+        waiting request needs it: a request that waits for cells with a slot free ends the growth, so one
+        long request cannot keep the others waiting."""
+        if not self.kv_unified or r._reserve >= r._want:
+            return False
+        held = sum(a._reserve for a in self._active) + 1
+        if held > self.n_ctx:
+            return False
+        with self._cond:
+            waiting = next((q for q in self._queue if not q._cancelled), None)
+        if waiting is not None and any(s.req is None for s in self._slots) and held + self._base(waiting) > self.n_ctx:
+            return False
+        self._make_room(held)
+        r._reserve += 1
         return True
 
     def _bind(self, req: Request, slot: _Slot, keep: int) -> None:
@@ -691,6 +750,8 @@ class BatchedEngine:
         req._text = TextStream(req.stops)
         if not req.sampling.is_plain_greedy:
             req._sampler = Sampler(req.sampling, self.model.n_vocab)
+        else:
+            req._bias = bias_arrays(req.sampling)
         self._active.append(req)
         with self._cond:
             self._counters["prompt_tokens_total"] += req.n_prompt
@@ -771,8 +832,13 @@ class BatchedEngine:
             r._slot.cached.extend(r.prompt_tokens[r._pos : r._pos + n])
             r._pos += n
         for r, idx in rows:
+            if r.max_tokens == 0:  # the prompt only: decoded into the cache, nothing sampled
+                self._finish(r, "max_tokens")
+                continue
             try:
-                if r._sampler is None:
+                if r._sampler is None and r._bias is not None:
+                    token = argmax_biased(lib.llama_get_logits_ith(self._ctx_ptr, idx), self.model.n_vocab, r._bias)
+                elif r._sampler is None:
                     token = int(lib.pyllm_argmax_logits(self._ctx_ptr, idx, self.model.n_vocab))
                 else:
                     token = int(lib.llama_sampler_sample(r._sampler.ptr, self._ctx_ptr, idx))
@@ -858,7 +924,7 @@ class BatchedEngine:
             self._finish(r, "stop")
         elif r.max_tokens is not None and len(r.token_ids) >= r.max_tokens:
             self._finish(r, "max_tokens")
-        elif r._pos >= r._reserve:
+        elif r._pos >= r._reserve and not self._grow(r):
             self._finish(r, "context_full")
         else:
             r._pending = token
@@ -866,7 +932,7 @@ class BatchedEngine:
     def _finish(self, r: Request, reason: str, *, free: bool = False, error: Optional[BaseException] = None) -> None:
         slot = r._slot
         if slot is not None:
-            if free or not self.cache_prompt:
+            if free or not r.cache_prompt:
                 self._clear_slot(slot)
             slot.req = None
             self._step_no += 1

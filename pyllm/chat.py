@@ -327,8 +327,9 @@ class ChatTemplate:
             if text.startswith(without):
                 generation_prompt = restore(text[len(without):])
         pieces = [restore(p) if isinstance(p, str) else p for p in controls.partition(text)] if controls else [text]
-        add_special = not (pieces and pieces[0] == model.bos)
-        return ChatPrompt(restore(text), tokenize_prompt(model, pieces, add_special=add_special), generation_prompt)
+        if pieces and pieces[0] == model.bos and model.add_bos:
+            pieces = pieces[1:]  # the template wrote the BOS llama.cpp adds: one BOS (Model.tokenize_prompt's rule)
+        return ChatPrompt(restore(text), tokenize_prompt(model, pieces, add_special=True), generation_prompt)
 
     def _render_builtin(self, msgs: list[dict], add_assistant: bool, tools: Optional[list], kwargs: dict) -> str:
         if tools:

@@ -163,7 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling_from_args(args)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
-        stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (), chat=args.chat)
+        stream = engine.stream(args.prompt, max_tokens=max_tokens, sampling=sampling, stop=args.stop or (),
+                               chat=args.chat, ignore_eos=args.ignore_eos)
         out = sys.stdout
         for piece in stream:
             out.write(piece)
@@ -197,7 +198,7 @@ def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, s
     parts = {"reasoning": [], "content": []}
     try:
         for kind, text in engine.stream_chat(history, max_tokens=max_tokens, sampling=sampling,
-                                             enable_thinking=enable_thinking):
+                                             enable_thinking=enable_thinking, ignore_eos=args.ignore_eos):
             parts[kind].append(text)
             if kind == "reasoning" and args.hide_reasoning:
                 continue
@@ -287,6 +288,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: int, n_help: st
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never sample end-of-generation tokens (llama.cpp's --ignore-eos): generate -n tokens")
 
 
 def _sampling_from_args(args: argparse.Namespace):

@@ -27,6 +27,7 @@ from pyllm.config import (check_bool, check_flash_attn, check_int, check_kv_type
                           check_v_needs_flash_attn)
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, block_size, is_quantized, parse_kv_cache_type
 from pyllm.model import Model
+from pyllm.sampling import argmax_biased
 
 logger = logging.getLogger("pyllm")
 
@@ -423,9 +424,14 @@ class Context(NativeHandle):
         """Ask a running decode (in another thread) to stop at the next graph node."""
         lib.pyllm_abort_set(self._abort_flag, 1)
 
-    def argmax(self, idx: int = -1) -> int:
-        """The token with the largest logit in output row idx (greedy), read in place."""
-        t = int(lib.pyllm_argmax_logits(self.ptr, idx, self.n_vocab))
+    def argmax(self, idx: int = -1, bias=None) -> int:
+        """The token with the largest logit in output row idx (greedy), read in place; ``bias``: a logit
+        bias as ``pyllm.sampling.bias_arrays`` gives it, added first (the row is left as it was)."""
+        if bias is not None:
+            ptr = lib.llama_get_logits_ith(self.ptr, idx)
+            t = -1 if ptr == ffi.NULL else argmax_biased(ptr, self.n_vocab, bias)
+        else:
+            t = int(lib.pyllm_argmax_logits(self.ptr, idx, self.n_vocab))
         if t < 0:
             raise PyllmError(f"no logits for output {idx}: decode with logits first")
         return t

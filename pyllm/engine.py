@@ -16,7 +16,7 @@ from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
 from pyllm.model import Model
 from pyllm.placement import Placement
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import Sampler, SamplingParams, bias_arrays
 from pyllm.textstream import TextStream
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -180,7 +180,7 @@ class Engine:
             return prompt_obj.tokens
         if prompt == "":
             raise ConfigError("prompt is empty; expected at least one character")
-        return self.model.tokenize(prompt, add_special=True, parse_special=False)
+        return self.model.tokenize_prompt(prompt)
 
     def ingest(self, tokens: list[int]) -> int:
         """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded."""
@@ -214,8 +214,9 @@ class Engine:
         then read its ``.result`` (a GenerationResult).
 
         ``prompt``: text, or a list of token ids. ``max_tokens=None`` generates until an
-        end-of-generation token or a full context; ``ignore_eos`` generates through end-of-generation
-        tokens (as llama.cpp's --ignore-eos; benchmarks use it to run exactly max_tokens steps).
+        end-of-generation token or a full context; ``ignore_eos``: end-of-generation tokens are never
+        sampled (a -inf logit bias on each, as llama.cpp's --ignore-eos; benchmarks use it to run exactly
+        max_tokens steps).
         Sampling without its own seed uses the engine's (``EngineConfig.seed``, ``LLAMA_SEED``).
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
@@ -225,6 +226,9 @@ class Engine:
             raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = dataclasses.replace(sampling, seed=self.config.seed)
+        if ignore_eos:
+            sampling = sampling.with_banned(self.model.eog_tokens)
+        sampling.check_vocab(self.model.n_vocab)
         prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
         check_fits(len(prompt_tokens), max_tokens, self.context.n_ctx)
         result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason=StopReason.MAX_TOKENS)
@@ -247,22 +251,23 @@ class Engine:
             return result
         result.prompt_ns = time.perf_counter_ns() - t0
         sampler = None if sampling.is_plain_greedy else Sampler(sampling, self.model.n_vocab)
+        bias = bias_arrays(sampling) if sampler is None else None
         try:
-            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos)
+            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos, bias)
         finally:
             if sampler is not None:
                 sampler.close()
         return result
 
     def _generate(self, result: GenerationResult, max_tokens: Optional[int], sampler: Optional[Sampler],
-                  text: TextStream, ignore_eos: bool) -> Generator[str, None, None]:
+                  text: TextStream, ignore_eos: bool, bias=None) -> Generator[str, None, None]:
         """The decode loop: sample, stop checks, detokenize, decode the token; fills ``result``."""
         ctx, model = self.context, self.model
         pieces: list[str] = []
         out_tokens, cached = result.tokens, self._cached
         limit = max_tokens if max_tokens is not None else ctx.n_ctx
         is_eog, piece_of = model.is_eog, model.token_to_piece
-        argmax, decode_one = ctx.argmax, ctx.decode_one
+        argmax, decode_one = (lambda: ctx.argmax(-1, bias)), ctx.decode_one
         t1 = time.perf_counter_ns()
         try:
             while len(out_tokens) < limit:
@@ -336,6 +341,7 @@ class Engine:
         enable_thinking: Optional[bool] = None,
         tools: Optional[list] = None,
         template: Optional[str] = None,
+        ignore_eos: bool = False,
         **template_kwargs,
     ) -> Generator[tuple[str, str], None, ChatResult]:
         """Yield the reply as ``(kind, text)`` pieces, kind ``"reasoning"`` or ``"content"``; return the ChatResult.
@@ -351,7 +357,7 @@ class Engine:
             raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
         parser = chat_mod.reasoning_parser_for(chat_prompt, tmpl)
         pieces: list[tuple[str, str]] = []
-        gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos)
         try:
             while True:
                 try:

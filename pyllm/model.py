@@ -130,6 +130,7 @@ class Model(NativeHandle):
         self._piece_buf = ffi.new("char[]", 256)
         self._control_tokens = None
         self._special_frame: Optional[tuple[list[int], list[int]]] = None
+        self._eog: Optional[tuple[int, ...]] = None
 
     # ---- lifetime ----
     def close(self) -> None:
@@ -287,9 +288,33 @@ class Model(NativeHandle):
     def tokenize_chat(self, text: str) -> list[int]:
         """Tokenize a rendered chat prompt: its control tokens parsed as such, and no second BOS when the
         template already wrote the BOS token's text at the start (as most templates do)."""
-        bos = self.bos
-        bos_text = self.token_to_piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
-        return self.tokenize(text, add_special=not (bos_text and text.startswith(bos_text)), parse_special=True)
+        return self.tokenize_prompt(text, parse_special=True)
+
+    def tokenize_prompt(self, text: Union[str, bytes], *, add_special: bool = True,
+                        parse_special: bool = False) -> list[int]:
+        """Tokenize a prompt: as ``tokenize``, except that the BOS llama.cpp adds (``add_special``, when the
+        model asks for one) is dropped when the text's own first token is already BOS (its text, e.g.
+        ``<bos>``, parsed with ``parse_special``: a client that rendered a chat template itself). Every
+        place where a prompt's text becomes tokens uses this one rule."""
+        if add_special and parse_special and self.add_bos and self.bos >= 0:
+            bos_text = self.token_to_piece(self.bos, special=True)
+            data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+            if bos_text and isinstance(data, (bytes, bytearray)) and data.startswith(bos_text):
+                # The text after its own BOS, with llama.cpp's specials (the BOS, an EOS where the model
+                # asks for one): the same tokens as the whole text minus the second BOS, without
+                # llama.cpp's "2 BOS tokens" warning. (A special token ends a fragment, so the rest
+                # tokenizes as it would after it.)
+                n = len(bos_text.decode("utf-8", "replace")) if isinstance(text, str) else len(bos_text)
+                return self.tokenize(text[n:], add_special=True, parse_special=True)
+        return self.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    @property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, ...), as llama.cpp's is_eog says."""
+        if self._eog is None:
+            vocab, is_eog = self.vocab_ptr, lib.llama_vocab_is_eog
+            self._eog = tuple(t for t in range(self.n_vocab) if is_eog(vocab, t))
+        return self._eog
 
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` maps

@@ -30,6 +30,7 @@ from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFu
                           TokenizeError)
 from pyllm.sampling import SamplingParams
 import pyllm.server.metrics as _metrics
+from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported, sampling_of
 from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Message,
                                   TokenizeRequest)
 
@@ -193,23 +194,6 @@ async def _parse(request: Request, model: type[BaseModel], limit: int):
         shown = repr(given) if not isinstance(given, (dict, list)) or len(repr(given)) < 80 else type(given).__name__
         where = f"field '{param}'" if param else "the request body"
         raise APIError(400, f"{where}: {reasons} (got {shown})", param=param or None) from None
-
-
-def _sampling(body) -> SamplingParams:
-    if body.n is not None and body.n != 1:
-        raise APIError(400, f"n={body.n} is not supported; this server returns one choice (n=1)", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value not in (None, 0, 0.0):
-            raise APIError(400, f"{name}={value!r} is not supported; use repeat_penalty (llama.cpp's) instead",
-                           param=name)
-    kw = {f: getattr(body, f) for f in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-          if getattr(body, f) is not None}
-    try:
-        return SamplingParams(**kw)
-    except ConfigError as exc:
-        field = str(exc).split("=", 1)[0]
-        raise APIError(400, str(exc), param=field if field in kw else None) from None
 
 
 def _chat_logprobs(body) -> Optional[int]:
@@ -440,6 +424,10 @@ def create_app(
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(FieldError)
+    async def _field_error(request: Request, exc: FieldError):
+        return APIError(400, exc.message, param=exc.param or None).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         msg = {404: f"no endpoint {request.method} {request.url.path}",
@@ -470,29 +458,34 @@ def create_app(
                            param="model", code="model_not_found")
         return names[0]
 
-    def cap_tokens(eng, n_prompt: int, requested: Optional[int]) -> int:
-        """max_tokens capped by the context. Unasked, a request gets its fair share of the KV pool
-        (n_ctx / n_parallel, prompt included; the engine reserves prompt + max_tokens cells at admission),
-        so n_parallel such requests run at once; ``default_max_tokens`` sets another default."""
+    def cap_tokens(eng, n_prompt: int, requested: Optional[int], param: str) -> int:
+        """max_tokens capped by the context (``param``: the field that holds the prompt). Unasked, a
+        request gets its fair share of the KV pool (n_ctx / n_parallel, prompt included), so n_parallel
+        such requests run at once; ``default_max_tokens`` sets another default. An explicit one (or
+        n_predict -1) is honoured as far as the engine lets one sequence grow: up to the context while
+        no other request needs the cells, capped at the share when others wait (BatchedEngine's
+        admission), so it never starves the other slots."""
         s = eng.stats()
         n_seq = int(s.get("n_ctx_seq") or eng.n_ctx)
         room = n_seq - n_prompt
         if room < 1:
             raise APIError(400, f"the prompt has {n_prompt} tokens; a request fits at most {n_seq - 1} "
                                 f"(context of {n_seq} tokens per sequence; raise -c / MAX_CONTEXT_LENGTH)",
-                           param="messages", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
         if requested is None:
             requested = default_max_tokens
         if requested is None:
             share = int(s.get("n_ctx", n_seq)) // max(1, int(s.get("n_parallel", 1))) - n_prompt
             requested = share if share >= 1 else room
+        elif requested == UNLIMITED:
+            requested = room
         return min(requested, room)
 
     def submit(eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
-               ignore_eos: bool, logprobs: Optional[int] = None):
+               body, logprobs: Optional[int] = None):
         try:
             return eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                              ignore_eos=bool(ignore_eos), logprobs=logprobs)
+                              ignore_eos=bool(body.ignore_eos), logprobs=logprobs, cache_prompt=body.cache_prompt)
         except QueueFullError as exc:
             metrics.rejected.inc()
             raise APIError(503, f"the server is busy: {exc}", code="queue_full",
@@ -531,6 +524,13 @@ def create_app(
     async def collect(request: Request, req, t0: float) -> list[str]:
         """All pieces of a request; a client that goes away cancels it (its KV cells are freed)."""
         pieces: list[str] = []
+        counted = []
+
+        def cancel() -> None:  # the disconnect and the clean-up below both get here: one cancellation
+            req.cancel()
+            if not counted:
+                counted.append(True)
+                metrics.cancelled.inc()
 
         async def consume() -> None:
             async for piece in req:
@@ -543,8 +543,7 @@ def create_app(
         try:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if task not in done:
-                req.cancel()
-                metrics.cancelled.inc()
+                cancel()
                 task.cancel()
                 raise APIError(499, "client disconnected")
             task.result()
@@ -552,8 +551,7 @@ def create_app(
         finally:
             watch.cancel()
             if not req.done:
-                req.cancel()
-                metrics.cancelled.inc()
+                cancel()
 
     async def finished(request: Request, req, t0: float):
         """The result of a non-streamed request (a client that goes away cancels it)."""
@@ -618,7 +616,7 @@ def create_app(
         body = await _parse(request, TokenizeRequest, max_body_bytes)
         eng = engine_or_503()
         try:
-            tokens = await asyncio.to_thread(eng.model.tokenize, body.content, add_special=body.add_special,
+            tokens = await asyncio.to_thread(eng.model.tokenize_prompt, body.content, add_special=body.add_special,
                                              parse_special=body.parse_special)
         except TokenizeError as exc:
             raise APIError(400, str(exc), param="content") from None
@@ -642,16 +640,18 @@ def create_app(
         body = await _parse(request, ChatCompletionRequest, max_body_bytes)
         eng = engine_or_503()
         name = check_model(body.model)
-        sampling, stops, n_logprobs = _sampling(body), _stops(body.stop), _chat_logprobs(body)
+        refuse_unsupported(body)
+        sampling, stops, n_logprobs = sampling_of(body, eng.model), _stops(body.stop), _chat_logprobs(body)
+        requested = max_tokens_of(body)
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
-        fmt = (body.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise APIError(400, f"response_format type {fmt!r} is not supported; only 'text'",
-                           param="response_format")
         messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
         tmpl = chat_template_of(eng)
         kwargs = dict(body.chat_template_kwargs or {})
+        if body.reasoning_effort == "none":  # as llama-server: "none" turns thinking off, others reach the template
+            kwargs["enable_thinking"] = False
+        elif body.reasoning_effort:
+            kwargs["reasoning_effort"] = body.reasoning_effort
         # As llama-server: enable_thinking is always passed (true unless the client turns it off).
         kwargs.setdefault("enable_thinking", True)
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "seconds", "max_chars"})
@@ -671,9 +671,9 @@ def create_app(
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
-        max_tokens = cap_tokens(eng, len(tokens), body.max_completion_tokens or body.max_tokens)
+        max_tokens = cap_tokens(eng, len(tokens), requested, "messages")
         parser = reasoning_parser_for(prompt, tmpl)
-        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos, n_logprobs)
+        req = submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs)
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish: Optional[str] = None, entries=None) -> dict:
@@ -724,7 +724,9 @@ def create_app(
         body = await _parse(request, CompletionRequest, max_body_bytes)
         eng = engine_or_503()
         name = check_model(body.model)
-        sampling, stops, n_logprobs = _sampling(body), _stops(body.stop), _completion_logprobs(body)
+        refuse_unsupported(body, also={"reasoning_effort": "a completion has no chat template to pass it to"})
+        sampling, stops, n_logprobs = sampling_of(body, eng.model), _stops(body.stop), _completion_logprobs(body)
+        requested = max_tokens_of(body)
         if body.echo:
             raise APIError(400, "echo=true is not supported by this server", param="echo")
         if body.suffix:
@@ -739,7 +741,7 @@ def create_app(
             raise APIError(400, "prompt is empty; expected text or a list of token ids", param="prompt")
         if isinstance(prompt, str):
             try:
-                tokens = await asyncio.to_thread(eng.model.tokenize, prompt, add_special=True, parse_special=True)
+                tokens = await asyncio.to_thread(eng.model.tokenize_prompt, prompt, parse_special=True)
             except TokenizeError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
         else:
@@ -748,8 +750,8 @@ def create_app(
                 eng.model.check_tokens(tokens)
             except TokenizeError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
-        max_tokens = cap_tokens(eng, len(tokens), body.max_tokens)
-        req = submit(eng, tokens, max_tokens, sampling, stops, body.ignore_eos, n_logprobs)
+        max_tokens = cap_tokens(eng, len(tokens), requested, "prompt")
+        req = submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs)
         cid, created_at = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         text_offset = [0]
 

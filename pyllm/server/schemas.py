@@ -1,10 +1,10 @@
 """Request bodies of the OpenAI-compatible endpoints, validated strictly by pydantic.
 
 Strict mode: a number where a string is expected (or "5" where an integer is) is a 400 naming
-the field, never a silent coercion. Unknown fields are ignored, as OpenAI clients send many
-(``user``, ``logit_bias``, ``parallel_tool_calls``, ...) that change nothing here; fields we
-know but cannot honour (``n > 1``, ``echo``, penalties) are rejected by the endpoint with
-a message saying so.
+the field, never a silent coercion. The completion bodies keep the fields they do not declare
+(``model_extra``): ``pyllm.server.fields`` refuses those that would change the output and are not
+implemented (``mirostat``, ``grammar``, ``best_of`` ...), and the rest (``user``, ``metadata``,
+``store`` ...) change nothing here.
 """
 from __future__ import annotations
 
@@ -37,13 +37,20 @@ class Message(BaseModel):
 
 
 class _Sampling(_Body):
+    model_config = ConfigDict(extra="allow", strict=True)
+
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)   # OpenAI's newer name; llama-server takes it too
+    n_predict: Optional[int] = Field(None, ge=-1)               # llama-server's: -1 no limit, 0 the prompt only
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     repeat_penalty: Optional[float] = None          # llama-server's extension
+    repeat_last_n: Optional[int] = None             # llama-server's extension
+    typical_p: Optional[float] = None               # llama-server's extension
+    logit_bias: Any = None                          # read by pyllm.server.fields.logit_bias_of
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
@@ -54,15 +61,16 @@ class _Sampling(_Body):
     logprobs: Optional[Union[bool, int]] = None
     top_logprobs: Optional[int] = None
     ignore_eos: Optional[bool] = False              # llama-server's extension
+    cache_prompt: Optional[bool] = None             # llama-server's extension (None: the server's setting)
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message]
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     response_format: Optional[dict[str, Any]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None   # llama-server's extension (e.g. enable_thinking)
+    reasoning_effort: Optional[str] = None          # to the template, as llama-server passes it ("none": no thinking)
 
 
 class CompletionRequest(_Sampling):

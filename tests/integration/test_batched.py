@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import signal
@@ -123,6 +124,26 @@ def test_stop_strings_and_max_tokens(engine, single):
     assert engine.submit(prompt, max_tokens=24, stop=stop).wait().text == r.text  # a bare str is one stop
 
 
+def test_logit_bias_on_the_greedy_fast_path_and_in_the_sampler_chain(engine, single):
+    prompt = "The capital of France is"
+    first = engine.submit(prompt, max_tokens=1).wait().tokens[0]
+    ban = SamplingParams(temperature=0.0, logit_bias={first: -math.inf})
+    fast = engine.submit(prompt, max_tokens=6, sampling=ban).wait()       # argmax read in place, bias added
+    assert fast.tokens and first not in fast.tokens
+    # The chain (llama.cpp's logit-bias sampler; top_k=1 makes it deterministic) picks the same tokens.
+    chain = SamplingParams(temperature=1.0, top_k=1, seed=1, logit_bias={first: -math.inf})
+    assert engine.submit(prompt, max_tokens=6, sampling=chain).wait().tokens == fast.tokens
+    single.reset()
+    assert single.generate(prompt, max_tokens=6, sampling=ban).tokens == fast.tokens
+    boost = SamplingParams(temperature=0.0, logit_bias={first + 1: 100})
+    boosted = engine.submit(prompt, max_tokens=4, sampling=boost).wait()
+    assert boosted.tokens == [first + 1] * 4
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.submit(prompt, sampling=SamplingParams(temperature=0.0, logit_bias={engine.model.n_vocab: 1.0}))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        single.generate(prompt, sampling=SamplingParams(temperature=0.0, logit_bias={engine.model.n_vocab: 1.0}))
+
+
 def test_chat_text_gets_one_bos(engine):
     text = "<start_of_turn>user\nSay hello in one word.<end_of_turn>\n<start_of_turn>model\n"
     toks = engine.tokenize(text, parse_special=True)
@@ -131,33 +152,25 @@ def test_chat_text_gets_one_bos(engine):
     assert engine.submit("<bos>" + text, parse_special=True, max_tokens=1).n_prompt == len(toks)
 
 
-def test_eog_ends_generation(engine, monkeypatch):
-    # The default (base) model practically never emits an end-of-generation token, so a sampler chain
-    # with a logit bias on <end_of_turn> makes llama.cpp's sampler pick one.
-    import pyllm.batched as batched
-    from pyllm._ffi import ffi, lib
-    from pyllm._handle import NativeHandle
-
+def test_eog_ends_generation_and_ignore_eos_never_samples_it(engine, single):
+    # The default (base) model practically never emits an end-of-generation token, so a logit bias on
+    # <end_of_turn> makes it the greedy choice (the fast path and, with a repeat penalty, the chain).
     eot = engine.tokenize("<end_of_turn>", parse_special=True)[-1]
-    assert engine.model.is_eog(eot)
-
-    class EOGBiased(batched.Sampler):
-        def __init__(self, params, n_vocab):
-            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            NativeHandle.__init__(self, chain, lib.llama_sampler_free)
-            self.params = params
-            bias = ffi.new("llama_logit_bias[1]")
-            bias[0].token, bias[0].bias = eot, 100.0
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, 1, bias))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-
-    monkeypatch.setattr(batched, "Sampler", EOGBiased)
-    sp = SamplingParams(temperature=0.0, repeat_penalty=1.01)  # not plain greedy: uses the chain
-    other = engine.submit("Once upon a time", max_tokens=8)  # plain greedy, no chain: unaffected
-    r = engine.submit("The three primary colors are", max_tokens=16, sampling=sp).wait(30)
-    assert r.stop_reason == "eog" and r.tokens == [] and r.text == ""
-    forced = engine.submit("The three primary colors are", max_tokens=5, sampling=sp, ignore_eos=True).wait(30)
-    assert forced.stop_reason == "max_tokens" and forced.tokens == [eot] * 5
+    assert engine.model.is_eog(eot) and eot in engine.model.eog_tokens
+    prompt = "The three primary colors are"
+    other = engine.submit("Once upon a time", max_tokens=8)  # no bias: unaffected
+    for sp in (SamplingParams(temperature=0.0, logit_bias={eot: 100}),
+               SamplingParams(temperature=0.0, repeat_penalty=1.01, logit_bias={eot: 100})):
+        r = engine.submit(prompt, max_tokens=16, sampling=sp).wait(30)
+        assert r.stop_reason == "eog" and r.tokens == [] and r.text == ""
+        # ignore_eos as llama.cpp means it: end-of-generation tokens are never sampled (a -inf bias on
+        # each), not sampled and generated through.
+        forced = engine.submit(prompt, max_tokens=5, sampling=sp, ignore_eos=True).wait(30)
+        assert forced.stop_reason == "max_tokens" and len(forced.tokens) == 5 and forced.text.strip()
+        assert not any(engine.model.is_eog(t) for t in forced.tokens)
+        single.reset()
+        alone = single.generate(prompt, max_tokens=5, sampling=sp, ignore_eos=True)
+        assert alone.stop_reason == "max_tokens" and not any(engine.model.is_eog(t) for t in alone.tokens)
     assert other.wait(30).n_generated == 8
 
 
@@ -237,6 +250,73 @@ def test_prefix_reuse(engine, single):
     d = _divergence(single, engine.tokenize(system + "Name a primary color."), fresh.tokens, second.tokens)
     assert d is None or d[1] < NEAR_TIE
     assert engine.stats()["prompt_tokens_cached_total"] >= second.n_prompt_cached
+
+
+@pytest.mark.parametrize("kv_type, n_ubatch", [("f16", 512), ("q8_0", 1)])
+def test_a_warm_prefix_gives_the_cold_greedy_output(model, kv_type, n_ubatch):
+    # Reuse must reuse the right cells: a request served warm (its prefix, or all but its last token,
+    # from the cache) generates exactly what the same prompt generates cold (cache_prompt=False).
+    # Exact where the numerics allow it: f16 K/V, or a quantized cache decoded one token per ubatch (a
+    # quantized cache with the default n_ubatch may flip near-ties between the two batch shapes, see
+    # README). Two split streams: the warm request must find its prefix in the other slot's cells.
+    rng = random.Random(5)
+    system = "You are a helpful assistant. Answer briefly and precisely. " * 4
+    questions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(3)]
+    config = EngineConfig(n_ctx=1024, n_parallel=2, kv_unified=False, n_ubatch=n_ubatch, flash_attn="on",
+                          kv_cache_type_k=kv_type, kv_cache_type_v=kv_type)
+    with BatchedEngine(config, model=model) as eng:
+        for q in questions:
+            eng.submit(system + "Hello.", max_tokens=1).wait(60)   # leaves the shared prefix cached
+            cold = eng.submit(system + q, max_tokens=24, cache_prompt=False).wait(60)
+            warm = eng.submit(system + q, max_tokens=24).wait(60)
+            again = eng.submit(system + q, max_tokens=24).wait(60)
+            n_system = len(eng.tokenize(system))
+            assert cold.n_prompt_cached == 0 and n_system - 1 <= warm.n_prompt_cached < warm.n_prompt - 1
+            assert again.n_prompt_cached == again.n_prompt - 1
+            assert warm.tokens == cold.tokens and again.tokens == cold.tokens, (kv_type, q)
+
+
+def test_cache_prompt_false_reuses_nothing_and_keeps_nothing(engine):
+    engine.drop_cache()
+    prompt = "Per request: no prefix reused, no cells kept."
+    first = engine.submit(prompt, max_tokens=4, cache_prompt=False).wait(30)
+    assert first.n_prompt_cached == 0 and engine.stats()["kv_cells_cached"] == 0
+    warm_up = engine.submit(prompt, max_tokens=4).wait(30)           # the engine's default: kept
+    assert warm_up.n_prompt_cached == 0 and engine.stats()["kv_cells_cached"] > 0
+    cold = engine.submit(prompt, max_tokens=4, cache_prompt=False).wait(30)
+    assert cold.n_prompt_cached == 0 and cold.n_prompt_decoded == cold.n_prompt
+    assert engine.submit(prompt, max_tokens=4).wait(30).n_prompt_cached == cold.n_prompt - 1  # the kept cache is intact
+    with pytest.raises(ConfigError, match="cache_prompt"):
+        engine.submit(prompt, cache_prompt="no")
+
+
+def test_max_tokens_0_decodes_the_prompt_into_the_cache_only(engine):
+    engine.drop_cache()
+    prompt = "Only the prompt goes into the cache, as llama-server's n_predict 0."
+    r = engine.submit(prompt, max_tokens=0).wait(30)
+    assert r.stop_reason == "max_tokens" and r.tokens == [] and r.text == "" and r.n_prompt_decoded == r.n_prompt
+    assert engine.submit(prompt, max_tokens=2).wait(30).n_prompt_cached == r.n_prompt - 1
+
+
+def test_one_long_request_does_not_starve_the_other_slots(model):
+    # 256 cells, 2 slots: a share of 128 each. A request asking for the whole pool runs alone as far as
+    # the pool allows, but others are admitted beside it, and when one needs the cells it holds beyond
+    # its share, it ends there (context_full) instead of keeping that request waiting.
+    with BatchedEngine(EngineConfig(n_ctx=256, n_parallel=2), model=model) as eng:
+        assert eng.n_ctx_share == 128 and eng.stats()["n_ctx_share"] == 128
+        big = eng.submit("Once upon a time", max_tokens=None, ignore_eos=True)
+        _wait_until(lambda: len(big.token_ids) >= 8)
+        small = eng.submit("Hello", max_tokens=5, ignore_eos=True).wait(60)
+        assert small.stop_reason == "max_tokens" and small.n_generated == 5
+        assert not big.done, "the short request had to wait for the long one"
+        _wait_until(lambda: len(big.token_ids) >= 180, timeout=120)   # beyond its share: 85 cells left
+        needs_share = eng.submit("Hello", max_tokens=100, ignore_eos=True)  # 102 cells
+        res = big.wait(60)
+        assert res.stop_reason == "context_full" and 180 <= res.n_generated < 256 - res.n_prompt
+        assert needs_share.wait(60).n_generated == 100
+        # Alone, an explicit max_tokens beyond the share is honoured.
+        alone = eng.submit("Once upon a time", max_tokens=200, ignore_eos=True).wait(120)
+        assert alone.stop_reason == "max_tokens" and alone.n_generated == 200
 
 
 def test_prefix_reuse_past_the_sliding_window(engine, single):

@@ -39,6 +39,17 @@ def test_generate_with_kv_cache_type_prints_text_and_the_summary(tmp_path, defau
     assert abs(float(mq.group(3)) / float(mf.group(3)) - 34 / 64) < 0.01
 
 
+def test_ignore_eos_flag_generates_n_tokens(tmp_path, default_model_path):
+    out = _run(["generate", "-n", "4", "--temp", "0", "-c", "256", "--ignore-eos", "Hi"], tmp_path,
+               MODEL_PATH=str(default_model_path))
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"generation: 4 tokens, [\d.]+ t/s \| stop: max_tokens", out.stderr), out.stderr
+    chat = subprocess.run(CLI + ["chat", "-n", "3", "--temp", "0", "-c", "256", "--ignore-eos"], input="Hi",
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "MODEL_PATH": str(default_model_path)})
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+
+
 def test_flags_override_the_environment(tmp_path, default_model_path):
     out = _run(["generate", "-n", "2", "--temp", "0", "-ctk", "q4_0", "-ctv", "q4_0", "Hi"], tmp_path,
                KV_CACHE_TYPE="q8_0", MODEL_PATH=str(default_model_path))

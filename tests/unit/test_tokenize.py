@@ -46,6 +46,26 @@ def test_bos_added_as_the_model_asks(vocab_spm):
         assert model.tokenize("hi", add_special=False)[0] != model.bos
 
 
+def test_a_prompt_that_starts_with_bos_text_gets_one_bos(vocab_model):
+    # A client that rendered a chat template itself sends text starting with the BOS token's text:
+    # every prompt path (Model.tokenize_prompt) adds no second BOS, where llama_tokenize alone does.
+    bos = vocab_model.bos
+    bos_text = vocab_model.token_to_piece(bos, special=True).decode()
+    assert vocab_model.add_bos and bos_text
+    plain = vocab_model.tokenize_prompt("Hello world", parse_special=True)
+    assert vocab_model.tokenize(bos_text + "Hello world", parse_special=True)[:2] == [bos, bos]  # the fault
+    assert vocab_model.tokenize_prompt(bos_text + "Hello world", parse_special=True) == plain
+    assert plain.count(bos) == 1 and plain[0] == bos
+    assert vocab_model.tokenize_prompt(bos_text.encode() + b"Hello world", parse_special=True) == plain
+    assert vocab_model.tokenize_prompt(bos_text, parse_special=True) == [bos]
+    assert vocab_model.tokenize_chat(bos_text + "Hello world") == plain
+    # Two BOS written by the client stay two; without parse_special the text is text; without specials, as written.
+    assert vocab_model.tokenize_prompt(2 * bos_text + "Hi", parse_special=True)[:3].count(bos) == 2
+    assert vocab_model.tokenize_prompt(bos_text + "Hi", parse_special=False).count(bos) == 1
+    assert vocab_model.tokenize_prompt(bos_text + "Hi", add_special=False, parse_special=True) == \
+        vocab_model.tokenize(bos_text + "Hi", add_special=False, parse_special=True)
+
+
 def test_invalid_inputs_are_clean_errors(vocab_model):
     with pytest.raises(TokenizeError, match="lone surrogate"):
         vocab_model.tokenize("bad \ud800 text")
