@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from pyllm.batched import BatchedEngine
-from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type,
-                          check_threads)
+from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, MIN_N_CTX, EngineConfig, check_batch_sizes,
+                          check_flash_attn, check_int, check_kv_type, check_n_ctx, check_parallel, check_threads)
 from pyllm.context import default_threads, validate_kv_types
 from pyllm.engine import GREEDY, Engine, gpu_layers_for
 from pyllm.errors import ConfigError, ContextFullError, KVCacheConfigError, PyllmError
@@ -157,10 +157,11 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
                 row.skipped = reason
                 continue
             n_ctx = n_depth + n_prompt + n_gen + (1 if n_gen else 0)
-            cfg = EngineConfig(model_path=params.model_path, n_ctx=n_ctx, n_batch=min(params.n_batch, n_ctx),
-                               n_ubatch=min(params.n_ubatch, params.n_batch, n_ctx), n_threads=threads,
-                               n_threads_batch=threads, flash_attn=fa, kv_cache_type_k=k, kv_cache_type_v=v,
-                               n_gpu_layers=ngl)
+            # llama.cpp pads the context to MIN_N_CTX cells anyway; the batch stays capped by what the test uses
+            cfg = EngineConfig(model_path=params.model_path, n_ctx=max(n_ctx, MIN_N_CTX),
+                               n_batch=min(params.n_batch, n_ctx), n_ubatch=min(params.n_ubatch, params.n_batch, n_ctx),
+                               n_threads=threads, n_threads_batch=threads, flash_attn=fa, kv_cache_type_k=k,
+                               kv_cache_type_v=v, n_gpu_layers=ngl)
             try:
                 engine = Engine(cfg, model=model)
             except PyllmError as exc:
@@ -348,8 +349,9 @@ class BatchedBenchParams:
                 raise ConfigError(f"{flag} is empty; expected a comma-separated list of integers")
             for v in values:
                 check_int(flag, v, minimum=1, maximum=256 if flag == "-npl" else INT32_MAX)
-        check_int("-c", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
+        check_n_ctx(self.n_ctx)
         check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
+        check_parallel(max(self.n_pl), self.n_batch, self.n_ctx, name="-npl")
         check_threads("-t", self.n_threads)
 
     def rows(self) -> list[tuple[int, int, int]]:

@@ -28,6 +28,10 @@ SPLIT_MODES = ("none", "layer", "row")
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
+# llama.cpp sizes a context in blocks of 256 cells (GGML_PAD(n_ctx, 256) in llama_context): a smaller
+# n_ctx silently becomes 256, a larger one is rounded up to a multiple of 256.
+N_CTX_PAD = 256
+MIN_N_CTX = N_CTX_PAD
 INT32_MAX = 2**31 - 1
 ENV_FILE_VAR = "PYLLM_ENV_FILE"
 _TRUE = ("1", "true", "yes", "on")
@@ -135,14 +139,48 @@ def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
         )
 
 
+def label(field: str) -> str:
+    """How an error names a setting wherever it came from: ``n_batch (-b, LLAMA_BATCH_SIZE)``."""
+    s = SETTINGS_BY_FIELD.get(field)
+    names = ([s.flags[0]] if s and s.flags else []) + ([s.env] if s and s.env else [])
+    return f"{field} ({', '.join(names)})" if names else field
+
+
+def check_n_ctx(n_ctx: int) -> None:
+    """0 (the model's training context) or at least MIN_N_CTX: llama.cpp would turn a smaller context into
+    256 cells without a word."""
+    check_int("n_ctx", n_ctx, minimum=0, what=" (0 = the model's training context)")
+    if 0 < n_ctx < MIN_N_CTX:
+        raise ConfigError(
+            f"n_ctx={n_ctx} is below {MIN_N_CTX}, the smallest context llama.cpp creates (it allocates the KV "
+            f"cache in blocks of {N_CTX_PAD} cells); expected {label('n_ctx')} >= {MIN_N_CTX}, or 0 for the "
+            "model's training context")
+
+
 def check_batch_sizes(n_ctx: int, n_batch: int, n_ubatch: int) -> None:
     check_int("n_batch", n_batch, minimum=1)
     check_int("n_ubatch", n_ubatch, minimum=1)
     if n_ubatch > n_batch:
-        raise ConfigError(f"n_ubatch={n_ubatch} is larger than n_batch={n_batch}; expected n_ubatch <= n_batch")
+        raise ConfigError(f"n_ubatch={n_ubatch} is larger than n_batch={n_batch}; expected "
+                          f"{label('n_ubatch')} <= {label('n_batch')}")
     if n_ctx and n_batch > n_ctx:
         # llama.cpp would clamp silently; say so instead of pretending the batch is that large.
-        raise ConfigError(f"n_batch={n_batch} is larger than n_ctx={n_ctx}; expected n_batch <= n_ctx")
+        raise ConfigError(f"n_batch={n_batch} is larger than n_ctx={n_ctx}; expected "
+                          f"{label('n_batch')} <= {label('n_ctx')}")
+
+
+def check_parallel(n_parallel: int, n_batch: int, n_ctx: int = 0, *, name: Optional[str] = None) -> None:
+    """Sequences at once (n_seq_max) against the batch: llama.cpp reserves one output row per sequence in
+    a buffer of n_batch rows and aborts the process (GGML_ASSERT n_outputs_max) when there are more.
+    ``n_ctx``: the context as llama.cpp takes it before padding (the training context for 0), which caps
+    n_batch. ``name``: how the message names n_parallel where a command calls it otherwise (bench's -npl)."""
+    check_int(name or "n_parallel", n_parallel, minimum=1, maximum=256, what=" (llama.cpp's LLAMA_MAX_SEQ)")
+    effective = min(n_batch, n_ctx) if n_ctx else n_batch
+    if n_parallel > effective:
+        capped = f" (n_batch={n_batch} capped by n_ctx={n_ctx})" if effective < n_batch else ""
+        raise ConfigError(
+            f"{name or 'n_parallel'}={n_parallel} is larger than n_batch={effective}{capped}; llama.cpp needs a batch "
+            f"row for every sequence: expected {name or label('n_parallel')} <= {label('n_batch')}")
 
 
 def check_threads(source: str, value: Any) -> Optional[int]:
@@ -318,7 +356,7 @@ class EngineConfig:
             self.model_path = os.fspath(self.model_path)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name, a .jinja path or template text")
-        check_int("n_ctx", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
+        check_n_ctx(self.n_ctx)
         if self.n_batch is None:
             self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if self.n_ctx else DEFAULT_N_BATCH
         if self.n_ubatch is None and isinstance(self.n_batch, int):
@@ -331,9 +369,7 @@ class EngineConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
         check_threads("n_threads", self.n_threads)
         check_threads("n_threads_batch", self.n_threads_batch)
-        check_int("n_parallel", self.n_parallel, minimum=1, maximum=256)
-        if not self.kv_unified and self.n_ctx and self.n_ctx // self.n_parallel < 1:
-            raise ConfigError(f"n_ctx={self.n_ctx} split over n_parallel={self.n_parallel} leaves no cells per sequence")
+        check_parallel(self.n_parallel, self.n_batch, self.n_ctx)
         self.flash_attn = check_flash_attn("flash_attn", self.flash_attn)
         for name in ("kv_cache_type_k", "kv_cache_type_v"):
             if getattr(self, name) is not None:

@@ -92,3 +92,13 @@ def test_llama_seed_makes_sampled_generation_reproducible(monkeypatch, default_m
         other = engine.generate(prompt, max_tokens=24, sampling=SamplingParams(temperature=0.8, seed=8))
     assert first.tokens == second.tokens and first.n_generated == 24
     assert other.tokens != first.tokens  # the request's own seed still wins
+
+
+def test_a_context_below_llama_cpps_256_cells_is_an_error_naming_flag_and_variable(tmp_path, default_model_path):
+    # llama.cpp turned -c 4 into 256 cells without a word.
+    expected = ["pyllm: error: n_ctx=4 is below 256, the smallest context llama.cpp creates (it allocates the KV cache "
+                "in blocks of 256 cells); expected n_ctx (-c, MAX_CONTEXT_LENGTH) >= 256, or 0 for the model's "
+                "training context"]
+    for args, env in ((["-c", "4"], {}), ([], {"MAX_CONTEXT_LENGTH": "4"})):
+        out = _run(["generate", "hi", "-n", "1", *args], tmp_path, MODEL_PATH=str(default_model_path), **env)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == expected, out.stderr
