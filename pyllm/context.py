@@ -24,7 +24,7 @@ from pyllm.errors import (
     check_decode,
 )
 from pyllm.config import (N_CTX_PAD, check_bool, check_flash_attn, check_int, check_kv_type, check_parallel,
-                          check_threads, check_v_needs_flash_attn)
+                          check_threads, check_v_needs_flash_attn, label)
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, block_size, is_quantized, parse_kv_cache_type
 from pyllm.model import Model
 
@@ -251,10 +251,21 @@ class Context(NativeHandle):
                     "on" if self.flash_attn else "off", flash_attn, self.kv_cache_bytes().total_mib, self.n_ctx)
 
     def _report_size(self, n_ctx: int) -> None:
-        """Say what llama.cpp made of n_ctx: rounded up to its block of cells (INFO)."""
+        """Say what llama.cpp made of n_ctx: rounded up to its block of cells (INFO), or longer per sequence
+        than the model was trained for (a WARNING, as llama.cpp's own, which the CLI keeps quiet). Not for
+        the contexts of a model loaded no_alloc: pyllm plan measures sizes it does not run."""
+        if self.model.no_alloc:
+            return
         if n_ctx and self.n_ctx != n_ctx:
             logger.info("n_ctx=%d rounded up to %d by llama.cpp (it allocates the KV cache in blocks of %d cells%s)",
                         n_ctx, self.n_ctx, N_CTX_PAD, ", per sequence" if self.n_ctx_seq != self.n_ctx else "")
+        n_train = self.model.n_ctx_train
+        if 0 < n_train < self.n_ctx_seq:
+            per_seq = f" ({self.n_ctx_seq} per sequence)" if self.n_ctx_seq != self.n_ctx else ""
+            logger.warning("n_ctx=%d%s is larger than the %d tokens model %s was trained on (n_ctx_train); "
+                           "output past %d tokens may degrade. Set %s <= %d, or 0 for the training context",
+                           n_ctx or self.n_ctx, per_seq, n_train, self.model.path.name, n_train, label("n_ctx"),
+                           n_train)
 
     def _params(self, *, flash_attn: str, n_threads: int, n_threads_batch: Optional[int], **fields):
         params = lib.llama_context_default_params()

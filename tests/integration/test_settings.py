@@ -102,3 +102,14 @@ def test_a_context_below_llama_cpps_256_cells_is_an_error_naming_flag_and_variab
     for args, env in ((["-c", "4"], {}), ([], {"MAX_CONTEXT_LENGTH": "4"})):
         out = _run(["generate", "hi", "-n", "1", *args], tmp_path, MODEL_PATH=str(default_model_path), **env)
         assert out.returncode == 1 and out.stderr.strip().splitlines() == expected, out.stderr
+
+
+def test_a_context_past_the_training_context_is_a_warning_naming_both(tmp_path, default_model_path):
+    # llama.cpp warns "n_ctx_seq > n_ctx_train", but the CLI keeps llama.cpp's own lines quiet.
+    out = _run(["generate", "hi", "-n", "1"], tmp_path, MODEL_PATH=str(default_model_path),
+               MAX_CONTEXT_LENGTH="40960")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, out.stderr
+    assert ("n_ctx=40960 is larger than the 32768 tokens model" in warnings[0]
+            and "n_ctx (-c, MAX_CONTEXT_LENGTH) <= 32768" in warnings[0]), warnings
