@@ -139,11 +139,13 @@ def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
         )
 
 
-def label(field: str) -> str:
-    """How an error names a setting wherever it came from: ``n_batch (-b, LLAMA_BATCH_SIZE)``."""
+def label(field: str, value: Any = None) -> str:
+    """How a message names a setting wherever it came from: ``n_batch (-b, LLAMA_BATCH_SIZE)``, with a
+    value ``n_batch=512 (-b, LLAMA_BATCH_SIZE)``."""
     s = SETTINGS_BY_FIELD.get(field)
     names = ([s.flags[0]] if s and s.flags else []) + ([s.env] if s and s.env else [])
-    return f"{field} ({', '.join(names)})" if names else field
+    head = field if value is None else f"{field}={value}"
+    return f"{head} ({', '.join(names)})" if names else head
 
 
 def check_n_ctx(n_ctx: int) -> None:

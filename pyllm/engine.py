@@ -85,9 +85,10 @@ def gpu_layers_of(config: EngineConfig) -> int:
 
 
 def gpu_layers_for(n_gpu_layers: Optional[int], placement: Optional[Placement]) -> int:
-    if n_gpu_layers is None and placement is not None and placement.rpc_servers:
+    remote = placement is not None and bool(placement.rpc_servers)
+    if n_gpu_layers is None and remote:
         return 99
-    return resolve_gpu_layers(n_gpu_layers)
+    return resolve_gpu_layers(n_gpu_layers, remote_devices=remote)
 
 
 def placement_of(config: EngineConfig) -> Placement:

@@ -113,3 +113,18 @@ def test_a_context_past_the_training_context_is_a_warning_naming_both(tmp_path, 
     assert len(warnings) == 1, out.stderr
     assert ("n_ctx=40960 is larger than the 32768 tokens model" in warnings[0]
             and "n_ctx (-c, MAX_CONTEXT_LENGTH) <= 32768" in warnings[0]), warnings
+
+
+def test_gpu_layers_without_a_gpu_is_one_warning_naming_the_setting(tmp_path, default_model_path):
+    from pyllm.devices import devices
+
+    if any(d.type in ("gpu", "igpu") for d in devices()):
+        pytest.skip("a GPU is visible: the layers go there")
+    out = _run(["bench", "-p", "8", "-n", "2", "-r", "1", "-o", "json", "-ctk", "f16,q8_0"], tmp_path,
+               MODEL_PATH=str(default_model_path), GPU_LAYERS="99")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "n_gpu_layers=99 (-ngl, GPU_LAYERS)" in warnings[0] \
+        and "no GPU device is visible" in warnings[0], out.stderr  # once, though bench builds four engines
+    quiet = _run(["generate", "hi", "-n", "1", "-c", "256", "-ngl", "0"], tmp_path, MODEL_PATH=str(default_model_path))
+    assert quiet.returncode == 0 and "WARNING" not in quiet.stderr, quiet.stderr
