@@ -71,14 +71,16 @@ def _config_from_args(args: argparse.Namespace, env=None, **overrides):
     env = env if env is not None else _environment(args)
     fields = [f for f in args._fields if not (args._kv_lists and f in KV_FIELDS)]
     kw = dict(args._defaults)
-    kw.update(settings_from_env(env, fields))
+    sources: dict[str, str] = {}
+    kw.update(settings_from_env(env, fields, sources=sources))
     for name in fields:
         raw = getattr(args, name, None)
         if raw is not None:
             setting = SETTINGS_BY_FIELD[name]
             kw[name] = setting.parse(raw, setting.flags[0])
+            sources[name] = setting.flags[0]
     kw.update(overrides)
-    return EngineConfig.build(kw)
+    return EngineConfig.build(kw, {k: v for k, v in sources.items() if k not in overrides})
 
 
 def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
@@ -103,9 +105,9 @@ def _flash_attn_list(args: argparse.Namespace, env) -> list[str]:
 
 
 def _model_path(config) -> str:
-    from pyllm import default_model
+    from pyllm.engine import model_path_of
 
-    return config.model_path or str(default_model.path())
+    return model_path_of(config)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

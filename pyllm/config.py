@@ -350,6 +350,9 @@ class EngineConfig:
     main_gpu: int = 0                         # -mg
     rpc_servers: Optional[tuple[str, ...]] = None      # --rpc: host:port of llama.cpp RPC servers
     rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
+    # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
+    # errors found later, e.g. a model file that does not exist.
+    sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -396,7 +399,12 @@ class EngineConfig:
         return self.kv_cache_type_v or DEFAULT_KV_CACHE_TYPE
 
     def replace(self, **changes: Any) -> "EngineConfig":
-        return dataclasses.replace(self, **changes)
+        sources = {k: v for k, v in self.sources.items() if k not in changes}
+        return dataclasses.replace(self, **{"sources": sources, **changes})
+
+    def source(self, field: str) -> str:
+        """Where ``field``'s value came from (a flag, ``VAR``, ``VAR (from FILE)``), else the field's name."""
+        return self.sources.get(field, field)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, *, env_file: Optional[str] = None,
@@ -408,14 +416,17 @@ class EngineConfig:
         invalid value raises ConfigError naming the variable (and the file); it never falls back.
         """
         source = env if isinstance(env, Environment) else Environment(env, env_file)
-        kw = settings_from_env(source)
+        sources: dict[str, str] = {}
+        kw = settings_from_env(source, sources=sources)
         kw.update(overrides)
-        return cls.build(kw)
+        return cls.build(kw, {k: v for k, v in sources.items() if k not in overrides})
 
     @classmethod
-    def build(cls, kw: dict[str, Any]) -> "EngineConfig":
-        """A config from setting values by field name (``kv_cache_type`` sets both sides where unset)."""
+    def build(cls, kw: dict[str, Any], sources: Optional[Mapping[str, str]] = None) -> "EngineConfig":
+        """A config from setting values by field name (``kv_cache_type`` sets both sides where unset);
+        ``sources``: where each came from, by field name (see :meth:`source`)."""
         kw = dict(kw)
+        kw["sources"] = dict(sources or {})
         both = kw.pop("kv_cache_type", None)
         if both is not None:
             kw.setdefault("kv_cache_type_k", both)
@@ -428,8 +439,10 @@ class EngineConfig:
             raise ConfigError(f"invalid EngineConfig argument: {exc}") from None
 
 
-def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
-    """Parsed values of the settings whose variables are set (blank counts as unset)."""
+def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None,
+                      sources: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Parsed values of the settings whose variables are set (blank counts as unset); ``sources`` (when
+    given) receives where each came from (``VAR`` or ``VAR (from FILE)``), by field name."""
     wanted = set(fields) if fields is not None else None
     out: dict[str, Any] = {}
     for s in SETTINGS:
@@ -439,4 +452,6 @@ def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None) 
         if raw is None or not raw.strip():
             continue
         out[s.field] = s.parse(raw if s.field == "chat_template" else raw.strip(), env.source(s.env))
+        if sources is not None:
+            sources[s.field] = env.source(s.env)
     return out

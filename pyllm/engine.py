@@ -5,6 +5,7 @@ import dataclasses
 import enum
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generator, Iterator, Optional, Sequence, Union
 
 from pyllm import chat as chat_mod
@@ -14,7 +15,7 @@ from pyllm.config import EngineConfig
 from pyllm.context import Context, KVCacheBytes
 from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
-from pyllm.model import Model
+from pyllm.model import Model, check_model_file
 from pyllm.placement import Placement
 from pyllm.sampling import Sampler, SamplingParams
 from pyllm.textstream import TextStream
@@ -75,8 +76,17 @@ class GenerationResult:
 
 def load_model(config: EngineConfig) -> Model:
     """The model a config names (the default model without MODEL_PATH), loaded as it says."""
-    return Model(config.model_path or str(default_model.path()), n_gpu_layers=gpu_layers_of(config),
-                 use_mmap=config.use_mmap, use_mlock=config.use_mlock, placement=placement_of(config))
+    return Model(model_path_of(config), n_gpu_layers=gpu_layers_of(config), use_mmap=config.use_mmap,
+                 use_mlock=config.use_mlock, placement=placement_of(config))
+
+
+def model_path_of(config: EngineConfig) -> str:
+    """The model file a config names, checked (ModelLoadError naming MODEL_PATH or -m and the .env file it
+    came from), or the default model's."""
+    if config.model_path is None:
+        return str(default_model.path())
+    check_model_file(Path(config.model_path), config.source("model_path"))
+    return config.model_path
 
 
 def gpu_layers_of(config: EngineConfig) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -128,3 +129,20 @@ def test_gpu_layers_without_a_gpu_is_one_warning_naming_the_setting(tmp_path, de
         and "no GPU device is visible" in warnings[0], out.stderr  # once, though bench builds four engines
     quiet = _run(["generate", "hi", "-n", "1", "-c", "256", "-ngl", "0"], tmp_path, MODEL_PATH=str(default_model_path))
     assert quiet.returncode == 0 and "WARNING" not in quiet.stderr, quiet.stderr
+
+
+def test_a_missing_model_names_model_path_the_file_and_the_env_file(tmp_path):
+    from pyllm.config import EngineConfig
+    from pyllm.errors import ModelLoadError
+
+    missing = tmp_path / "models" / "gone.gguf"
+    box = tmp_path / "box.env"
+    box.write_text(f"MODEL_PATH={missing}\n")
+    expected = f"pyllm: error: MODEL_PATH (from {box}): model file not found: {missing}"
+    for command in (["generate", "hi"], ["plan"]):
+        out = _run(["--env-file", str(box), *command], tmp_path)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == [expected], out.stderr
+    out = _run(["generate", "hi", "-m", str(missing)], tmp_path)
+    assert out.stderr.strip().splitlines() == [f"pyllm: error: -m: model file not found: {missing}"], out.stderr
+    with pytest.raises(ModelLoadError, match="^" + re.escape(expected.removeprefix("pyllm: error: ")) + "$"):
+        Engine(EngineConfig.from_env({}, env_file=str(box)))
