@@ -14,9 +14,9 @@ from pyllm.errors import PyllmError
 # Settings every engine-backed subcommand takes (a subset for list commands; see _add_model_args).
 ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads",
                  "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v",
-                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
-# Where the model's layers go: several GPUs of this box, and llama.cpp RPC servers' devices.
-SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
+                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
+# Where the model's layers go and how: several GPUs of this box, llama.cpp RPC servers' devices, CPU repacking.
+SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
 
 
@@ -48,6 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_F
         listed = kv_lists and s.kind == "kv"
         if listed:
             text = text.replace("type", "types, comma-separated", 1)
+        if s.off_flags:  # a switch pair, as llama.cpp's --repack / --no-repack
+            p.add_argument(*s.flags, dest=s.field, default=None, action="store_const", const="1",
+                           help=f"{text} [env {s.env}]")
+            p.add_argument(*s.off_flags, dest=s.field, action="store_const", const="0", help=f"see {s.flags[0]}")
+            continue
         p.add_argument(*s.flags, dest=s.field, default=None, type=_str_list if listed else str,
                        metavar=_METAVARS[s.kind] + (",..." if listed else ""), help=f"{text} [env {s.env}]")
     _add_env_file_arg(p)

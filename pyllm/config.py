@@ -252,6 +252,7 @@ class Setting:
     kind: str                      # int | bool | kv | fa | str | split | ts | rpc | seconds
     help: str
     minimum: int = 0
+    off_flags: tuple[str, ...] = ()    # a bool's flags that turn it off, as llama.cpp's --no-X
 
     def parse(self, raw: Any, source: str) -> Any:
         if self.kind == "kv":
@@ -314,6 +315,10 @@ SETTINGS: tuple[Setting, ...] = (
             "llama.cpp RPC servers whose devices the model may use, host:port,... (see `pyllm rpc-server`)"),
     Setting("rpc_timeout", "LLAMA_RPC_TIMEOUT", ("--rpc-timeout",), "seconds",
             "seconds an RPC server may take to answer one command before the process ends naming it (default 120)"),
+    Setting("repack", "LLAMA_ARG_REPACK", ("--repack",), "bool",
+            "repack weights for the CPU's faster kernels (llama.cpp's extra buffer types; default on); "
+            "-nr/--no-repack keeps them as stored, e.g. for a CPU run that must match an RPC split bit for bit",
+            off_flags=("-nr", "--no-repack")),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
@@ -350,6 +355,7 @@ class EngineConfig:
     main_gpu: int = 0                         # -mg
     rpc_servers: Optional[tuple[str, ...]] = None      # --rpc: host:port of llama.cpp RPC servers
     rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
+    repack: bool = True                       # --repack / -nr, --no-repack: CPU weight repacking (use_extra_bufts)
     # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
     # errors found later, e.g. a model file that does not exist.
     sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -369,7 +375,7 @@ class EngineConfig:
         check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
         if self.n_gpu_layers is not None:
             check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
-        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified"):
+        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified", "repack"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
         check_threads("n_threads", self.n_threads)

@@ -104,7 +104,7 @@ def gpu_layers_for(n_gpu_layers: Optional[int], placement: Optional[Placement]) 
 def placement_of(config: EngineConfig) -> Placement:
     """Where the config puts the model's layers: split mode, shares, main GPU, RPC servers."""
     return Placement(split_mode=config.split_mode, tensor_split=config.tensor_split, main_gpu=config.main_gpu,
-                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout)
+                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout, repack=config.repack)
 
 
 class Engine:

@@ -15,7 +15,8 @@ from pyllm.sampling import SamplingParams
 CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
 # Variables of the test runner's own environment that would leak into the commands under test.
 _SETTINGS_VARS = ("MODEL_PATH", "KV_CACHE_TYPE", "KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V", "GPU_LAYERS", "FLASH_ATTN",
-                  "MAX_CONTEXT_LENGTH", "LLAMA_BATCH_SIZE", "LLAMA_UBATCH_SIZE", "LLAMA_THREADS", "PYLLM_ENV_FILE")
+                  "MAX_CONTEXT_LENGTH", "LLAMA_BATCH_SIZE", "LLAMA_UBATCH_SIZE", "LLAMA_THREADS", "PYLLM_ENV_FILE",
+                  "LLAMA_ARG_REPACK")
 
 
 def _run(args, cwd, **env):
@@ -146,3 +147,25 @@ def test_a_missing_model_names_model_path_the_file_and_the_env_file(tmp_path):
     assert out.stderr.strip().splitlines() == [f"pyllm: error: -m: model file not found: {missing}"], out.stderr
     with pytest.raises(ModelLoadError, match="^" + re.escape(expected.removeprefix("pyllm: error: ")) + "$"):
         Engine(EngineConfig.from_env({}, env_file=str(box)))
+
+
+def test_no_repack_keeps_the_weights_as_stored(tmp_path, default_model_path):
+    from pyllm.config import EngineConfig
+
+    def repacked_bytes(env):
+        cfg = EngineConfig.from_env({"MODEL_PATH": str(default_model_path), "GPU_LAYERS": "0", **env}, n_ctx=256)
+        with Engine(cfg) as engine:
+            return sum(r["model"] for r in engine.context.memory_breakdown() if r["name"] == "CPU_REPACK")
+
+    if not repacked_bytes({}):
+        pytest.skip("this CPU has no repacked kernels for the model's weight types")
+    assert repacked_bytes({"LLAMA_ARG_REPACK": "0"}) == 0
+    # llama.cpp's own load log (-vv) lists the buffers it put the weights in.
+    for flags, env, repacked in ((["--no-repack"], {}, False), (["-nr"], {}, False),
+                                 (["--repack"], {"LLAMA_ARG_REPACK": "0"}, True), ([], {}, True)):
+        out = _run(["-vv", "generate", "hi", "-n", "1", "-c", "256", *flags], tmp_path,
+                   MODEL_PATH=str(default_model_path), **env)
+        assert out.returncode == 0 and ("CPU_REPACK model buffer" in out.stderr) == repacked, (flags, out.stderr)
+    out = _run(["generate", "hi", "-n", "1"], tmp_path, MODEL_PATH=str(default_model_path), LLAMA_ARG_REPACK="maybe")
+    assert out.stderr.strip().splitlines() == ["pyllm: error: LLAMA_ARG_REPACK='maybe' is not a boolean; expected one "
+                                               "of: 1, true, yes, on, 0, false, no, off"], out.stderr
