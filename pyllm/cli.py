@@ -199,7 +199,7 @@ _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, styled: bool) -> dict:
     """Stream one reply to ``out``; return it as an assistant message (partial when interrupted)."""
     enable_thinking = False if args.no_think else None
-    max_tokens = None if args.n_predict < 0 else args.n_predict
+    max_tokens = "auto" if args.n_predict is None else None if args.n_predict < 0 else args.n_predict
     kind_now = None
     parts = {"reasoning": [], "content": []}
     try:
@@ -221,6 +221,8 @@ def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, s
             out.write(_RESET)
         out.write("\n")
         out.flush()
+    result = engine.last_result
+    print(f"[stop: {result.stop_reason}, {result.n_generated} tokens]", file=sys.stderr)
     msg = {"role": "assistant", "content": "".join(parts["content"]).strip()}
     if parts["reasoning"]:
         msg["reasoning_content"] = "".join(parts["reasoning"]).strip()
@@ -282,11 +284,14 @@ def _add_chat_parser(sub) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--no-think", action="store_true", help="turn the model's thinking off (enable_thinking=false)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning block")
-    _add_sampling_args(p, n_predict=1024, n_help="max tokens per reply (-1 = until end)")
+    from pyllm.config import CHAT_MAX_TOKENS
+
+    _add_sampling_args(p, n_predict=None, n_help=f"max tokens per reply (default: up to {CHAT_MAX_TOKENS}, as many as "
+                                                 "the context has room for; -1 = until end or a full context)")
     p.set_defaults(func=cmd_chat)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: int, n_help: str) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: Optional[int], n_help: str) -> None:
     """llama.cpp's generation flags, with its defaults (the seed is a setting: --seed / LLAMA_SEED)."""
     p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=n_help)
     p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")

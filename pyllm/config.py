@@ -33,6 +33,9 @@ DEFAULT_N_UBATCH = 512
 N_CTX_PAD = 256
 MIN_N_CTX = N_CTX_PAD
 INT32_MAX = 2**31 - 1
+# A chat reply's default bound (Engine.chat / stream_chat, pyllm chat without -n): at most this many
+# tokens, and never more than the context has room for after the prompt (as the server caps max_tokens).
+CHAT_MAX_TOKENS = 512
 ENV_FILE_VAR = "PYLLM_ENV_FILE"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

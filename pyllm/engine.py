@@ -11,7 +11,7 @@ from typing import Generator, Iterator, Optional, Sequence, Union
 from pyllm import chat as chat_mod
 from pyllm import default_model
 from pyllm.chat import ChatResult
-from pyllm.config import EngineConfig
+from pyllm.config import CHAT_MAX_TOKENS, EngineConfig
 from pyllm.context import Context, KVCacheBytes
 from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
@@ -329,7 +329,7 @@ class Engine:
         self,
         messages: Sequence[dict],
         *,
-        max_tokens: Optional[int] = 512,
+        max_tokens: Union[int, str, None] = "auto",
         sampling: SamplingParams = GREEDY,
         stop: Sequence[str] = (),
         enable_thinking: Optional[bool] = None,
@@ -341,11 +341,21 @@ class Engine:
 
         ``messages``: OpenAI-style dicts (``role``, ``content``; an assistant turn may carry
         ``reasoning_content``). ``enable_thinking=False`` asks the template to turn thinking off;
-        other keyword arguments (``reasoning_effort`` ...) are passed to the template.
+        other keyword arguments (``reasoning_effort`` ...) are passed to the template. ``max_tokens``:
+        ``"auto"`` (the default) is CHAT_MAX_TOKENS capped by the room the prompt leaves in the context;
+        a number must fit beside the prompt (ContextFullError otherwise); None runs until an
+        end-of-generation token or a full context. The result's ``stop_reason`` says which ended it.
         """
+        if isinstance(max_tokens, str) and max_tokens != "auto":
+            raise ConfigError(f"max_tokens={max_tokens!r} is not valid; expected 'auto', an integer >= 0 or None")
         prompt, tmpl = self.render_chat(messages, template=template, enable_thinking=enable_thinking, tools=tools,
                                         **template_kwargs)
         tokens = self.tokenize_chat_text(prompt)
+        capped = False
+        if max_tokens == "auto":
+            room = self.context.n_ctx - len(tokens)
+            capped = 0 < room < CHAT_MAX_TOKENS  # no room at all: check_fits says so
+            max_tokens = room if capped else CHAT_MAX_TOKENS
         parser = chat_mod.reasoning_parser_for(prompt, tmpl)
         pieces: list[tuple[str, str]] = []
         gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
@@ -364,6 +374,8 @@ class Engine:
         for kp in (parser.finish() if parser is not None else []):
             pieces.append(kp)
             yield kp
+        if capped and result.stop_reason == StopReason.MAX_TOKENS:
+            result.stop_reason = StopReason.CONTEXT_FULL  # the context's room, not a number asked for, ended it
         reasoning, content = chat_mod.join_pieces(pieces)
         return ChatResult(text=result.text, content=content, reasoning_content=reasoning, result=result, prompt=prompt)
 
