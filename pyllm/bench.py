@@ -24,7 +24,7 @@ import numpy as np
 from pyllm.batched import BatchedEngine
 from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, MIN_N_CTX, EngineConfig, check_batch_sizes,
                           check_flash_attn, check_int, check_kv_type, check_n_ctx, check_parallel, check_threads)
-from pyllm.context import default_threads, validate_kv_types
+from pyllm.context import Context, default_threads, validate_kv_types
 from pyllm.engine import GREEDY, Engine, gpu_layers_for
 from pyllm.errors import ConfigError, ContextFullError, KVCacheConfigError, PyllmError
 from pyllm.model import Model
@@ -121,20 +121,26 @@ def skip_reason(type_k: str, type_v: str, fa: str, model: Model) -> Optional[str
     return None
 
 
-def _setup(params) -> tuple[str, int, int, np.random.Generator]:
-    """What both benchmarks settle first: the backend name, threads, -ngl and the random tokens' source."""
-    from pyllm.buildinfo import build_info
-
-    backend = ",".join(b for b in build_info()["backends"] if b != "CPU") or "CPU"
-    return (backend, params.n_threads or default_threads(), gpu_layers_for(params.n_gpu_layers, params.placement),
+def _setup(params) -> tuple[int, int, np.random.Generator]:
+    """What both benchmarks settle first: threads, -ngl and the random tokens' source."""
+    return (params.n_threads or default_threads(), gpu_layers_for(params.n_gpu_layers, params.placement),
             np.random.default_rng(params.seed))
+
+
+def backend_of(model: Model) -> str:
+    """The devices the model's layers run on, as the benchmarks label them (``CPU``, ``CUDA0``,
+    ``RPC0[host:port],CPU``): read from llama.cpp's placement of the weights (a small context's memory
+    breakdown), not from the backends the build happens to have compiled in."""
+    with Context(model, n_ctx=MIN_N_CTX, n_batch=32, n_ubatch=32) as ctx:
+        return ",".join(ctx.weight_devices())
 
 
 def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = None) -> list[BenchRow]:
     """Run every test of the matrix; impossible combinations come back as skipped rows."""
-    backend, threads, ngl, rng = _setup(params)
+    threads, ngl, rng = _setup(params)
     rows: list[BenchRow] = []
     with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
+        backend = backend_of(model)
         n_vocab = model.n_vocab
         first = [model.bos] if model.add_bos else []
 
@@ -364,9 +370,10 @@ def run_batched_bench(params: BatchedBenchParams, progress: Optional[Callable[[s
     """llama-batched-bench's rows through BatchedEngine.run_together (its step code, greedy sampling,
     detokenization). One engine per K/V pair and -fa value with ``n_parallel = max(-npl)`` and the
     context ``-c``; rows whose N_KV exceed that context are left out, as llama-batched-bench does."""
-    backend, threads, ngl, rng = _setup(params)
+    threads, ngl, rng = _setup(params)
     out: list[BatchedBenchRow] = []
     with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
+        backend = backend_of(model)
         for (k, v), fa in itertools.product(params.kv_pairs, params.flash_attn):
             cfg = EngineConfig(model_path=params.model_path, n_ctx=params.n_ctx, n_batch=params.n_batch,
                                n_ubatch=params.n_ubatch, n_threads=threads, n_threads_batch=threads, flash_attn=fa,

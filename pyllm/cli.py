@@ -132,7 +132,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "CUDA" in info["backends"]:
         print(f"CUDA architectures: {', '.join(info['cuda_architectures'])}")
         print(f"CUDA flash-attention K-V pairs: {', '.join(info['cuda_fa_kernel_pairs'])}")
-    print(f"GPU offload: {'yes' if info['supports_gpu_offload'] else 'no'}")
+    print("GPU offload: " + (f"yes ({', '.join(info['gpu_devices'])})" if info["supports_gpu_offload"] else
+                             "no (no GPU device visible" + ("; RPC servers' devices can take layers: --rpc)"
+                                                            if info["rpc"] else ")")))
     print(f"RPC (llama.cpp ggml-rpc, protocol {info['rpc_protocol']}): "
           + ("yes: --rpc HOST:PORT, pyllm rpc-server" if info["rpc"] else "no (built with PYLLM_RPC=0)"))
     print(f"KV cache types: {', '.join(info['kv_cache_types'])}")

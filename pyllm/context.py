@@ -343,6 +343,13 @@ class Context(NativeHandle):
     def memory_breakdown(self) -> list[dict]:
         return memory_breakdown(self.ptr)
 
+    def weight_devices(self) -> list[str]:
+        """The devices the model's layers run on (``CPU``, ``CUDA0``, ``RPC0[host:port]``), as llama.cpp
+        placed their weights; see :func:`pyllm.devices.weight_devices`."""
+        from pyllm.devices import weight_devices
+
+        return weight_devices(self.memory_breakdown(), self.model.n_gpu_layers, self.model.n_layer)
+
     def kv_cache_bytes(self) -> KVCacheBytes:
         """K and V cache bytes as llama.cpp allocated them (sliding-window and MLA layouts included)."""
         devices = {r["name"]: r["context"] for r in self.memory_breakdown() if r["context"]}

@@ -45,8 +45,34 @@ def devices() -> list[Device]:
     return out
 
 
+def weight_devices(breakdown: list[dict], n_gpu_layers: int, n_layer: int) -> list[str]:
+    """The devices a model's layers run on, from llama.cpp's memory breakdown of a context (bytes per
+    buffer type): a buffer type named after a device (CUDA0, CUDA0_Split, RPC0[host:port]) is that device.
+    The CPU's own buffer types (CPU, CPU_Mapped, CPU_REPACK) and GPU backends' host buffers (CUDA_Host)
+    also hold the input embeddings, which llama.cpp keeps on the CPU whatever -ngl says, so the CPU counts
+    when it holds layers: nothing is offloaded, or fewer than n_layer + 1 layers (the output included) are."""
+    names = sorted((d.name for d in devices() if d.type != "cpu"), key=len, reverse=True)
+    out = []
+    for row in breakdown:
+        if not row["model"]:
+            continue
+        dev = next((n for n in names if row["name"].startswith(n)), None)
+        if dev is None and not row["is_host"] and not row["name"].startswith("CPU"):
+            dev = row["name"]  # a device this process does not list: an RPC server's
+        if dev is not None and dev not in out:
+            out.append(dev)
+    if not out or 0 <= n_gpu_layers < n_layer + 1:
+        out.append("CPU")
+    return out
+
+
 def gpus() -> list[Device]:
     return [d for d in devices() if d.type == "gpu"]
+
+
+def offload_devices() -> list[Device]:
+    """This machine's devices layers can be offloaded to (-ngl): its GPUs, integrated ones included."""
+    return [d for d in devices() if d.type in ("gpu", "igpu")]
 
 
 def resolve_gpu_layers(n_gpu_layers: Optional[int], *, remote_devices: bool = False) -> int:
@@ -63,12 +89,10 @@ def resolve_gpu_layers(n_gpu_layers: Optional[int], *, remote_devices: bool = Fa
 
 def _warn_no_gpu(n_gpu_layers: int) -> None:
     global _warned_no_gpu
-    if _warned_no_gpu:
-        return
-    devs = devices()
-    if any(d.type in ("gpu", "igpu") for d in devs):
+    if _warned_no_gpu or offload_devices():
         return
     _warned_no_gpu = True
+    devs = devices()
     logger.warning("%s asks for layers on a GPU, but no GPU device is visible (llama.cpp sees: %s); every "
                    "layer runs on the CPU. Set GPU_LAYERS=0 (-ngl 0) to say so, or --rpc to use another "
                    "machine's devices", label("n_gpu_layers", n_gpu_layers),
