@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from pyllm.batched import BatchedEngine
-from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, EngineConfig, check_batch_sizes, check_flash_attn, check_int, check_kv_type,
-                          check_threads)
-from pyllm.context import default_threads, validate_kv_types
+from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, MIN_N_CTX, EngineConfig, check_batch_sizes,
+                          check_flash_attn, check_int, check_kv_type, check_n_ctx, check_parallel, check_threads)
+from pyllm.context import Context, default_threads, validate_kv_types
 from pyllm.engine import GREEDY, Engine, gpu_layers_for
 from pyllm.errors import ConfigError, ContextFullError, KVCacheConfigError, PyllmError
 from pyllm.model import Model
@@ -121,20 +121,26 @@ def skip_reason(type_k: str, type_v: str, fa: str, model: Model) -> Optional[str
     return None
 
 
-def _setup(params) -> tuple[str, int, int, np.random.Generator]:
-    """What both benchmarks settle first: the backend name, threads, -ngl and the random tokens' source."""
-    from pyllm.buildinfo import build_info
-
-    backend = ",".join(b for b in build_info()["backends"] if b != "CPU") or "CPU"
-    return (backend, params.n_threads or default_threads(), gpu_layers_for(params.n_gpu_layers, params.placement),
+def _setup(params) -> tuple[int, int, np.random.Generator]:
+    """What both benchmarks settle first: threads, -ngl and the random tokens' source."""
+    return (params.n_threads or default_threads(), gpu_layers_for(params.n_gpu_layers, params.placement),
             np.random.default_rng(params.seed))
+
+
+def backend_of(model: Model) -> str:
+    """The devices the model's layers run on, as the benchmarks label them (``CPU``, ``CUDA0``,
+    ``RPC0[host:port],CPU``): read from llama.cpp's placement of the weights (a small context's memory
+    breakdown), not from the backends the build happens to have compiled in."""
+    with Context(model, n_ctx=MIN_N_CTX, n_batch=32, n_ubatch=32) as ctx:
+        return ",".join(ctx.weight_devices())
 
 
 def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = None) -> list[BenchRow]:
     """Run every test of the matrix; impossible combinations come back as skipped rows."""
-    backend, threads, ngl, rng = _setup(params)
+    threads, ngl, rng = _setup(params)
     rows: list[BenchRow] = []
     with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
+        backend = backend_of(model)
         n_vocab = model.n_vocab
         first = [model.bos] if model.add_bos else []
 
@@ -157,10 +163,11 @@ def run_bench(params: BenchParams, progress: Optional[Callable[[str], None]] = N
                 row.skipped = reason
                 continue
             n_ctx = n_depth + n_prompt + n_gen + (1 if n_gen else 0)
-            cfg = EngineConfig(model_path=params.model_path, n_ctx=n_ctx, n_batch=min(params.n_batch, n_ctx),
-                               n_ubatch=min(params.n_ubatch, params.n_batch, n_ctx), n_threads=threads,
-                               n_threads_batch=threads, flash_attn=fa, kv_cache_type_k=k, kv_cache_type_v=v,
-                               n_gpu_layers=ngl)
+            # llama.cpp pads the context to MIN_N_CTX cells anyway; the batch stays capped by what the test uses
+            cfg = EngineConfig(model_path=params.model_path, n_ctx=max(n_ctx, MIN_N_CTX),
+                               n_batch=min(params.n_batch, n_ctx), n_ubatch=min(params.n_ubatch, params.n_batch, n_ctx),
+                               n_threads=threads, n_threads_batch=threads, flash_attn=fa, kv_cache_type_k=k,
+                               kv_cache_type_v=v, n_gpu_layers=ngl)
             try:
                 engine = Engine(cfg, model=model)
             except PyllmError as exc:
@@ -348,8 +355,9 @@ class BatchedBenchParams:
                 raise ConfigError(f"{flag} is empty; expected a comma-separated list of integers")
             for v in values:
                 check_int(flag, v, minimum=1, maximum=256 if flag == "-npl" else INT32_MAX)
-        check_int("-c", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
+        check_n_ctx(self.n_ctx)
         check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
+        check_parallel(max(self.n_pl), self.n_batch, self.n_ctx, name="-npl")
         check_threads("-t", self.n_threads)
 
     def rows(self) -> list[tuple[int, int, int]]:
@@ -362,9 +370,10 @@ def run_batched_bench(params: BatchedBenchParams, progress: Optional[Callable[[s
     """llama-batched-bench's rows through BatchedEngine.run_together (its step code, greedy sampling,
     detokenization). One engine per K/V pair and -fa value with ``n_parallel = max(-npl)`` and the
     context ``-c``; rows whose N_KV exceed that context are left out, as llama-batched-bench does."""
-    backend, threads, ngl, rng = _setup(params)
+    threads, ngl, rng = _setup(params)
     out: list[BatchedBenchRow] = []
     with Model(params.model_path, n_gpu_layers=ngl, placement=params.placement) as model:
+        backend = backend_of(model)
         for (k, v), fa in itertools.product(params.kv_pairs, params.flash_attn):
             cfg = EngineConfig(model_path=params.model_path, n_ctx=params.n_ctx, n_batch=params.n_batch,
                                n_ubatch=params.n_ubatch, n_threads=threads, n_threads_batch=threads, flash_attn=fa,

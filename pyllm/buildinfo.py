@@ -5,6 +5,7 @@ from typing import Any
 
 from pyllm._ffi import ffi, lib
 from pyllm._runtime import ensure_backend
+from pyllm.devices import offload_devices
 from pyllm.kvtypes import KV_CACHE_TYPES
 
 
@@ -36,6 +37,7 @@ def build_info() -> dict[str, Any]:
     """The build identity baked into the extension, plus what llama.cpp reports at run time."""
     ensure_backend()  # backends register (and may log, e.g. "no CUDA driver") through our log routing
     backends = [b for b in _s(lib.pyllm_build_backends()).split(",") if b]
+    gpu_devices = [f"{d.name} ({d.description})" for d in offload_devices()]
     fa_quants = _s(lib.pyllm_build_fa_quants())
     cuda = "CUDA" in backends
     return {
@@ -47,7 +49,10 @@ def build_info() -> dict[str, Any]:
         "cuda_fa_quants": fa_quants if cuda else None,
         "cuda_fa_kernel_pairs": ["-".join(p) for p in compiled_fa_pairs()],
         "cuda_vmm": bool(lib.pyllm_build_cuda_vmm()) if cuda else None,
-        "supports_gpu_offload": bool(lib.llama_supports_gpu_offload()),
+        # llama_supports_gpu_offload() also says yes for a build with RPC compiled in; this is whether a GPU
+        # backend has a device here that layers can be offloaded to (-ngl).
+        "supports_gpu_offload": bool(gpu_devices),
+        "gpu_devices": gpu_devices,
         "rpc": bool(lib.pyllm_build_rpc()) and bool(lib.llama_supports_rpc()),
         "rpc_protocol": _rpc_protocol(),
         "supports_mmap": bool(lib.llama_supports_mmap()),

@@ -14,9 +14,9 @@ from pyllm.errors import PyllmError
 # Settings every engine-backed subcommand takes (a subset for list commands; see _add_model_args).
 ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads",
                  "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v",
-                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
-# Where the model's layers go: several GPUs of this box, and llama.cpp RPC servers' devices.
-SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout")
+                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
+# Where the model's layers go and how: several GPUs of this box, llama.cpp RPC servers' devices, CPU repacking.
+SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
 
 
@@ -48,6 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_F
         listed = kv_lists and s.kind == "kv"
         if listed:
             text = text.replace("type", "types, comma-separated", 1)
+        if s.off_flags:  # a switch pair, as llama.cpp's --repack / --no-repack
+            p.add_argument(*s.flags, dest=s.field, default=None, action="store_const", const="1",
+                           help=f"{text} [env {s.env}]")
+            p.add_argument(*s.off_flags, dest=s.field, action="store_const", const="0", help=f"see {s.flags[0]}")
+            continue
         p.add_argument(*s.flags, dest=s.field, default=None, type=_str_list if listed else str,
                        metavar=_METAVARS[s.kind] + (",..." if listed else ""), help=f"{text} [env {s.env}]")
     _add_env_file_arg(p)
@@ -71,14 +76,16 @@ def _config_from_args(args: argparse.Namespace, env=None, **overrides):
     env = env if env is not None else _environment(args)
     fields = [f for f in args._fields if not (args._kv_lists and f in KV_FIELDS)]
     kw = dict(args._defaults)
-    kw.update(settings_from_env(env, fields))
+    sources: dict[str, str] = {}
+    kw.update(settings_from_env(env, fields, sources=sources))
     for name in fields:
         raw = getattr(args, name, None)
         if raw is not None:
             setting = SETTINGS_BY_FIELD[name]
             kw[name] = setting.parse(raw, setting.flags[0])
+            sources[name] = setting.flags[0]
     kw.update(overrides)
-    return EngineConfig.build(kw)
+    return EngineConfig.build(kw, {k: v for k, v in sources.items() if k not in overrides})
 
 
 def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
@@ -103,9 +110,9 @@ def _flash_attn_list(args: argparse.Namespace, env) -> list[str]:
 
 
 def _model_path(config) -> str:
-    from pyllm import default_model
+    from pyllm.engine import model_path_of
 
-    return config.model_path or str(default_model.path())
+    return model_path_of(config)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -125,7 +132,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "CUDA" in info["backends"]:
         print(f"CUDA architectures: {', '.join(info['cuda_architectures'])}")
         print(f"CUDA flash-attention K-V pairs: {', '.join(info['cuda_fa_kernel_pairs'])}")
-    print(f"GPU offload: {'yes' if info['supports_gpu_offload'] else 'no'}")
+    print("GPU offload: " + (f"yes ({', '.join(info['gpu_devices'])})" if info["supports_gpu_offload"] else
+                             "no (no GPU device visible" + ("; RPC servers' devices can take layers: --rpc)"
+                                                            if info["rpc"] else ")")))
     print(f"RPC (llama.cpp ggml-rpc, protocol {info['rpc_protocol']}): "
           + ("yes: --rpc HOST:PORT, pyllm rpc-server" if info["rpc"] else "no (built with PYLLM_RPC=0)"))
     print(f"KV cache types: {', '.join(info['kv_cache_types'])}")
@@ -193,7 +202,7 @@ _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, styled: bool) -> dict:
     """Stream one reply to ``out``; return it as an assistant message (partial when interrupted)."""
     enable_thinking = False if args.no_think else None
-    max_tokens = None if args.n_predict < 0 else args.n_predict
+    max_tokens = "auto" if args.n_predict is None else None if args.n_predict < 0 else args.n_predict
     kind_now = None
     parts = {"reasoning": [], "content": []}
     try:
@@ -215,6 +224,8 @@ def _chat_turn(engine, history: list, args: argparse.Namespace, sampling, out, s
             out.write(_RESET)
         out.write("\n")
         out.flush()
+    result = engine.last_result
+    print(f"[stop: {result.stop_reason}, {result.n_generated} tokens]", file=sys.stderr)
     msg = {"role": "assistant", "content": "".join(parts["content"]).strip()}
     if parts["reasoning"]:
         msg["reasoning_content"] = "".join(parts["reasoning"]).strip()
@@ -276,11 +287,14 @@ def _add_chat_parser(sub) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--no-think", action="store_true", help="turn the model's thinking off (enable_thinking=false)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning block")
-    _add_sampling_args(p, n_predict=1024, n_help="max tokens per reply (-1 = until end)")
+    from pyllm.config import CHAT_MAX_TOKENS
+
+    _add_sampling_args(p, n_predict=None, n_help=f"max tokens per reply (default: up to {CHAT_MAX_TOKENS}, as many as "
+                                                 "the context has room for; -1 = until end or a full context)")
     p.set_defaults(func=cmd_chat)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: int, n_help: str) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, *, n_predict: Optional[int], n_help: str) -> None:
     """llama.cpp's generation flags, with its defaults (the seed is a setting: --seed / LLAMA_SEED)."""
     p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=n_help)
     p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy; default 0.8)")

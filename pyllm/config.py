@@ -28,7 +28,14 @@ SPLIT_MODES = ("none", "layer", "row")
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
+# llama.cpp sizes a context in blocks of 256 cells (GGML_PAD(n_ctx, 256) in llama_context): a smaller
+# n_ctx silently becomes 256, a larger one is rounded up to a multiple of 256.
+N_CTX_PAD = 256
+MIN_N_CTX = N_CTX_PAD
 INT32_MAX = 2**31 - 1
+# A chat reply's default bound (Engine.chat / stream_chat, pyllm chat without -n): at most this many
+# tokens, and never more than the context has room for after the prompt (as the server caps max_tokens).
+CHAT_MAX_TOKENS = 512
 ENV_FILE_VAR = "PYLLM_ENV_FILE"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -135,14 +142,50 @@ def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
         )
 
 
+def label(field: str, value: Any = None) -> str:
+    """How a message names a setting wherever it came from: ``n_batch (-b, LLAMA_BATCH_SIZE)``, with a
+    value ``n_batch=512 (-b, LLAMA_BATCH_SIZE)``."""
+    s = SETTINGS_BY_FIELD.get(field)
+    names = ([s.flags[0]] if s and s.flags else []) + ([s.env] if s and s.env else [])
+    head = field if value is None else f"{field}={value}"
+    return f"{head} ({', '.join(names)})" if names else head
+
+
+def check_n_ctx(n_ctx: int) -> None:
+    """0 (the model's training context) or at least MIN_N_CTX: llama.cpp would turn a smaller context into
+    256 cells without a word."""
+    check_int("n_ctx", n_ctx, minimum=0, what=" (0 = the model's training context)")
+    if 0 < n_ctx < MIN_N_CTX:
+        raise ConfigError(
+            f"n_ctx={n_ctx} is below {MIN_N_CTX}, the smallest context llama.cpp creates (it allocates the KV "
+            f"cache in blocks of {N_CTX_PAD} cells); expected {label('n_ctx')} >= {MIN_N_CTX}, or 0 for the "
+            "model's training context")
+
+
 def check_batch_sizes(n_ctx: int, n_batch: int, n_ubatch: int) -> None:
     check_int("n_batch", n_batch, minimum=1)
     check_int("n_ubatch", n_ubatch, minimum=1)
     if n_ubatch > n_batch:
-        raise ConfigError(f"n_ubatch={n_ubatch} is larger than n_batch={n_batch}; expected n_ubatch <= n_batch")
+        raise ConfigError(f"n_ubatch={n_ubatch} is larger than n_batch={n_batch}; expected "
+                          f"{label('n_ubatch')} <= {label('n_batch')}")
     if n_ctx and n_batch > n_ctx:
         # llama.cpp would clamp silently; say so instead of pretending the batch is that large.
-        raise ConfigError(f"n_batch={n_batch} is larger than n_ctx={n_ctx}; expected n_batch <= n_ctx")
+        raise ConfigError(f"n_batch={n_batch} is larger than n_ctx={n_ctx}; expected "
+                          f"{label('n_batch')} <= {label('n_ctx')}")
+
+
+def check_parallel(n_parallel: int, n_batch: int, n_ctx: int = 0, *, name: Optional[str] = None) -> None:
+    """Sequences at once (n_seq_max) against the batch: llama.cpp reserves one output row per sequence in
+    a buffer of n_batch rows and aborts the process (GGML_ASSERT n_outputs_max) when there are more.
+    ``n_ctx``: the context as llama.cpp takes it before padding (the training context for 0), which caps
+    n_batch. ``name``: how the message names n_parallel where a command calls it otherwise (bench's -npl)."""
+    check_int(name or "n_parallel", n_parallel, minimum=1, maximum=256, what=" (llama.cpp's LLAMA_MAX_SEQ)")
+    effective = min(n_batch, n_ctx) if n_ctx else n_batch
+    if n_parallel > effective:
+        capped = f" (n_batch={n_batch} capped by n_ctx={n_ctx})" if effective < n_batch else ""
+        raise ConfigError(
+            f"{name or 'n_parallel'}={n_parallel} is larger than n_batch={effective}{capped}; llama.cpp needs a batch "
+            f"row for every sequence: expected {name or label('n_parallel')} <= {label('n_batch')}")
 
 
 def check_threads(source: str, value: Any) -> Optional[int]:
@@ -212,6 +255,7 @@ class Setting:
     kind: str                      # int | bool | kv | fa | str | split | ts | rpc | seconds
     help: str
     minimum: int = 0
+    off_flags: tuple[str, ...] = ()    # a bool's flags that turn it off, as llama.cpp's --no-X
 
     def parse(self, raw: Any, source: str) -> Any:
         if self.kind == "kv":
@@ -274,6 +318,10 @@ SETTINGS: tuple[Setting, ...] = (
             "llama.cpp RPC servers whose devices the model may use, host:port,... (see `pyllm rpc-server`)"),
     Setting("rpc_timeout", "LLAMA_RPC_TIMEOUT", ("--rpc-timeout",), "seconds",
             "seconds an RPC server may take to answer one command before the process ends naming it (default 120)"),
+    Setting("repack", "LLAMA_ARG_REPACK", ("--repack",), "bool",
+            "repack weights for the CPU's faster kernels (llama.cpp's extra buffer types; default on); "
+            "-nr/--no-repack keeps them as stored, e.g. for a CPU run that must match an RPC split bit for bit",
+            off_flags=("-nr", "--no-repack")),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
@@ -310,6 +358,10 @@ class EngineConfig:
     main_gpu: int = 0                         # -mg
     rpc_servers: Optional[tuple[str, ...]] = None      # --rpc: host:port of llama.cpp RPC servers
     rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
+    repack: bool = True                       # --repack / -nr, --no-repack: CPU weight repacking (use_extra_bufts)
+    # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
+    # errors found later, e.g. a model file that does not exist.
+    sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -318,7 +370,7 @@ class EngineConfig:
             self.model_path = os.fspath(self.model_path)
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ConfigError(f"chat_template={self.chat_template!r} is not a string; expected a template name, a .jinja path or template text")
-        check_int("n_ctx", self.n_ctx, minimum=0, what=" (0 = the model's training context)")
+        check_n_ctx(self.n_ctx)
         if self.n_batch is None:
             self.n_batch = min(DEFAULT_N_BATCH, self.n_ctx) if self.n_ctx else DEFAULT_N_BATCH
         if self.n_ubatch is None and isinstance(self.n_batch, int):
@@ -326,14 +378,12 @@ class EngineConfig:
         check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
         if self.n_gpu_layers is not None:
             check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
-        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified"):
+        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified", "repack"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
         check_threads("n_threads", self.n_threads)
         check_threads("n_threads_batch", self.n_threads_batch)
-        check_int("n_parallel", self.n_parallel, minimum=1, maximum=256)
-        if not self.kv_unified and self.n_ctx and self.n_ctx // self.n_parallel < 1:
-            raise ConfigError(f"n_ctx={self.n_ctx} split over n_parallel={self.n_parallel} leaves no cells per sequence")
+        check_parallel(self.n_parallel, self.n_batch, self.n_ctx)
         self.flash_attn = check_flash_attn("flash_attn", self.flash_attn)
         for name in ("kv_cache_type_k", "kv_cache_type_v"):
             if getattr(self, name) is not None:
@@ -358,7 +408,12 @@ class EngineConfig:
         return self.kv_cache_type_v or DEFAULT_KV_CACHE_TYPE
 
     def replace(self, **changes: Any) -> "EngineConfig":
-        return dataclasses.replace(self, **changes)
+        sources = {k: v for k, v in self.sources.items() if k not in changes}
+        return dataclasses.replace(self, **{"sources": sources, **changes})
+
+    def source(self, field: str) -> str:
+        """Where ``field``'s value came from (a flag, ``VAR``, ``VAR (from FILE)``), else the field's name."""
+        return self.sources.get(field, field)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, *, env_file: Optional[str] = None,
@@ -370,14 +425,17 @@ class EngineConfig:
         invalid value raises ConfigError naming the variable (and the file); it never falls back.
         """
         source = env if isinstance(env, Environment) else Environment(env, env_file)
-        kw = settings_from_env(source)
+        sources: dict[str, str] = {}
+        kw = settings_from_env(source, sources=sources)
         kw.update(overrides)
-        return cls.build(kw)
+        return cls.build(kw, {k: v for k, v in sources.items() if k not in overrides})
 
     @classmethod
-    def build(cls, kw: dict[str, Any]) -> "EngineConfig":
-        """A config from setting values by field name (``kv_cache_type`` sets both sides where unset)."""
+    def build(cls, kw: dict[str, Any], sources: Optional[Mapping[str, str]] = None) -> "EngineConfig":
+        """A config from setting values by field name (``kv_cache_type`` sets both sides where unset);
+        ``sources``: where each came from, by field name (see :meth:`source`)."""
         kw = dict(kw)
+        kw["sources"] = dict(sources or {})
         both = kw.pop("kv_cache_type", None)
         if both is not None:
             kw.setdefault("kv_cache_type_k", both)
@@ -390,8 +448,10 @@ class EngineConfig:
             raise ConfigError(f"invalid EngineConfig argument: {exc}") from None
 
 
-def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None) -> dict[str, Any]:
-    """Parsed values of the settings whose variables are set (blank counts as unset)."""
+def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None,
+                      sources: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Parsed values of the settings whose variables are set (blank counts as unset); ``sources`` (when
+    given) receives where each came from (``VAR`` or ``VAR (from FILE)``), by field name."""
     wanted = set(fields) if fields is not None else None
     out: dict[str, Any] = {}
     for s in SETTINGS:
@@ -401,4 +461,6 @@ def settings_from_env(env: Environment, fields: Optional[Iterable[str]] = None) 
         if raw is None or not raw.strip():
             continue
         out[s.field] = s.parse(raw if s.field == "chat_template" else raw.strip(), env.source(s.env))
+        if sources is not None:
+            sources[s.field] = env.source(s.env)
     return out

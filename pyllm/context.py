@@ -23,8 +23,8 @@ from pyllm.errors import (
     PyllmError,
     check_decode,
 )
-from pyllm.config import (check_bool, check_flash_attn, check_int, check_kv_type, check_threads,
-                          check_v_needs_flash_attn)
+from pyllm.config import (N_CTX_PAD, check_bool, check_flash_attn, check_int, check_kv_type, check_parallel,
+                          check_threads, check_v_needs_flash_attn, label)
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, block_size, is_quantized, parse_kv_cache_type
 from pyllm.model import Model
 from pyllm.sampling import argmax_biased
@@ -226,6 +226,7 @@ class Context(NativeHandle):
         check_bool("kv_unified", kv_unified)
         if model.vocab_only:
             raise ContextError(f"model {model.path.name} was loaded vocab_only; load its weights to create a context")
+        check_parallel(n_seq_max, n_batch, n_ctx or model.n_ctx_train)
         self.type_k = check_kv_type("type_k", type_k or DEFAULT_KV_CACHE_TYPE)
         self.type_v = check_kv_type("type_v", type_v or DEFAULT_KV_CACHE_TYPE)
         validate_kv_types(model, self.type_k, self.type_v, flash_attn)
@@ -242,12 +243,30 @@ class Context(NativeHandle):
         self.model = model
         model.add_dependent(self)
         self._init_state()
+        self._report_size(n_ctx)
         if type_k is not None:
             logger.info("KV cache K type set to: %s", self.type_k)
         if type_v is not None:
             logger.info("KV cache V type set to: %s", self.type_v)
         logger.info("flash attention: %s (requested %s); KV cache: %.2f MiB for %d tokens",
                     "on" if self.flash_attn else "off", flash_attn, self.kv_cache_bytes().total_mib, self.n_ctx)
+
+    def _report_size(self, n_ctx: int) -> None:
+        """Say what llama.cpp made of n_ctx: rounded up to its block of cells (INFO), or longer per sequence
+        than the model was trained for (a WARNING, as llama.cpp's own, which the CLI keeps quiet). Not for
+        the contexts of a model loaded no_alloc: pyllm plan measures sizes it does not run."""
+        if self.model.no_alloc:
+            return
+        if n_ctx and self.n_ctx != n_ctx:
+            logger.info("n_ctx=%d rounded up to %d by llama.cpp (it allocates the KV cache in blocks of %d cells%s)",
+                        n_ctx, self.n_ctx, N_CTX_PAD, ", per sequence" if self.n_ctx_seq != self.n_ctx else "")
+        n_train = self.model.n_ctx_train
+        if 0 < n_train < self.n_ctx_seq:
+            per_seq = f" ({self.n_ctx_seq} per sequence)" if self.n_ctx_seq != self.n_ctx else ""
+            logger.warning("n_ctx=%d%s is larger than the %d tokens model %s was trained on (n_ctx_train); "
+                           "output past %d tokens may degrade. Set %s <= %d, or 0 for the training context",
+                           n_ctx or self.n_ctx, per_seq, n_train, self.model.path.name, n_train, label("n_ctx"),
+                           n_train)
 
     def _params(self, *, flash_attn: str, n_threads: int, n_threads_batch: Optional[int], **fields):
         params = lib.llama_context_default_params()
@@ -324,6 +343,13 @@ class Context(NativeHandle):
     # ---- memory accounting ----
     def memory_breakdown(self) -> list[dict]:
         return memory_breakdown(self.ptr)
+
+    def weight_devices(self) -> list[str]:
+        """The devices the model's layers run on (``CPU``, ``CUDA0``, ``RPC0[host:port]``), as llama.cpp
+        placed their weights; see :func:`pyllm.devices.weight_devices`."""
+        from pyllm.devices import weight_devices
+
+        return weight_devices(self.memory_breakdown(), self.model.n_gpu_layers, self.model.n_layer)
 
     def kv_cache_bytes(self) -> KVCacheBytes:
         """K and V cache bytes as llama.cpp allocated them (sliding-window and MLA layouts included)."""

@@ -5,16 +5,17 @@ import dataclasses
 import enum
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generator, Iterator, Optional, Sequence, Union
 
 from pyllm import chat as chat_mod
 from pyllm import default_model
 from pyllm.chat import ChatResult
-from pyllm.config import EngineConfig
+from pyllm.config import CHAT_MAX_TOKENS, EngineConfig
 from pyllm.context import Context, KVCacheBytes
 from pyllm.devices import resolve_gpu_layers
 from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
-from pyllm.model import Model
+from pyllm.model import Model, check_model_file
 from pyllm.placement import Placement
 from pyllm.sampling import Sampler, SamplingParams, bias_arrays
 from pyllm.textstream import TextStream
@@ -75,8 +76,17 @@ class GenerationResult:
 
 def load_model(config: EngineConfig) -> Model:
     """The model a config names (the default model without MODEL_PATH), loaded as it says."""
-    return Model(config.model_path or str(default_model.path()), n_gpu_layers=gpu_layers_of(config),
-                 use_mmap=config.use_mmap, use_mlock=config.use_mlock, placement=placement_of(config))
+    return Model(model_path_of(config), n_gpu_layers=gpu_layers_of(config), use_mmap=config.use_mmap,
+                 use_mlock=config.use_mlock, placement=placement_of(config))
+
+
+def model_path_of(config: EngineConfig) -> str:
+    """The model file a config names, checked (ModelLoadError naming MODEL_PATH or -m and the .env file it
+    came from), or the default model's."""
+    if config.model_path is None:
+        return str(default_model.path())
+    check_model_file(Path(config.model_path), config.source("model_path"))
+    return config.model_path
 
 
 def gpu_layers_of(config: EngineConfig) -> int:
@@ -85,15 +95,16 @@ def gpu_layers_of(config: EngineConfig) -> int:
 
 
 def gpu_layers_for(n_gpu_layers: Optional[int], placement: Optional[Placement]) -> int:
-    if n_gpu_layers is None and placement is not None and placement.rpc_servers:
+    remote = placement is not None and bool(placement.rpc_servers)
+    if n_gpu_layers is None and remote:
         return 99
-    return resolve_gpu_layers(n_gpu_layers)
+    return resolve_gpu_layers(n_gpu_layers, remote_devices=remote)
 
 
 def placement_of(config: EngineConfig) -> Placement:
     """Where the config puts the model's layers: split mode, shares, main GPU, RPC servers."""
     return Placement(split_mode=config.split_mode, tensor_split=config.tensor_split, main_gpu=config.main_gpu,
-                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout)
+                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout, repack=config.repack)
 
 
 class Engine:
@@ -335,7 +346,7 @@ class Engine:
         self,
         messages: Sequence[dict],
         *,
-        max_tokens: Optional[int] = 512,
+        max_tokens: Union[int, str, None] = "auto",
         sampling: SamplingParams = GREEDY,
         stop: Sequence[str] = (),
         enable_thinking: Optional[bool] = None,
@@ -348,13 +359,23 @@ class Engine:
 
         ``messages``: OpenAI-style dicts (``role``, ``content``; an assistant turn may carry
         ``reasoning_content``). ``enable_thinking=False`` asks the template to turn thinking off;
-        other keyword arguments (``reasoning_effort`` ...) are passed to the template.
+        other keyword arguments (``reasoning_effort`` ...) are passed to the template. ``max_tokens``:
+        ``"auto"`` (the default) is CHAT_MAX_TOKENS capped by the room the prompt leaves in the context;
+        a number must fit beside the prompt (ContextFullError otherwise); None runs until an
+        end-of-generation token or a full context. The result's ``stop_reason`` says which ended it.
         """
+        if isinstance(max_tokens, str) and max_tokens != "auto":
+            raise ConfigError(f"max_tokens={max_tokens!r} is not valid; expected 'auto', an integer >= 0 or None")
         chat_prompt, tmpl = self.chat_prompt(messages, template=template, enable_thinking=enable_thinking, tools=tools,
                                              **template_kwargs)
         prompt, tokens = chat_prompt.text, chat_prompt.tokens
         if not tokens:
             raise ConfigError("the chat template rendered an empty prompt; expected at least one token")
+        capped = False
+        if max_tokens == "auto":
+            room = self.context.n_ctx - len(tokens)
+            capped = 0 < room < CHAT_MAX_TOKENS  # no room at all: check_fits says so
+            max_tokens = room if capped else CHAT_MAX_TOKENS
         parser = chat_mod.reasoning_parser_for(chat_prompt, tmpl)
         pieces: list[tuple[str, str]] = []
         gen = self.stream(tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos)
@@ -373,6 +394,8 @@ class Engine:
         for kp in (parser.finish() if parser is not None else []):
             pieces.append(kp)
             yield kp
+        if capped and result.stop_reason == StopReason.MAX_TOKENS:
+            result.stop_reason = StopReason.CONTEXT_FULL  # the context's room, not a number asked for, ended it
         reasoning, content = chat_mod.join_pieces(pieces)
         return ChatResult(text=result.text, content=content, reasoning_content=reasoning, result=result, prompt=prompt)
 

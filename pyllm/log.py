@@ -25,6 +25,12 @@ _LEVELS = {
     int(lib.GGML_LOG_LEVEL_NONE): logging.INFO,
 }
 _CONT = int(lib.GGML_LOG_LEVEL_CONT)
+# llama.cpp WARN lines about a model file that llama.cpp itself corrects on every load, which no setting
+# can change: logged at INFO (-vv shows them) so that a plain load stays quiet and real warnings stand out.
+_CORRECTED = (
+    # llama-vocab.cpp: a token whose text looks like a control token (Gemma 3's '</s>') gets its type fixed
+    re.compile(r"control-looking token: .* was not control-type; this is probably a bug in the model"),
+)
 
 _local = threading.local()
 
@@ -57,6 +63,8 @@ def _assembler() -> _LineAssembler:
 def _emit(level: int, line: str) -> None:
     for sink in getattr(_local, "captures", ()):
         sink.append(line)
+    if level == logging.WARNING and any(p.search(line) for p in _CORRECTED):
+        level = logging.INFO
     if logger.isEnabledFor(level):
         logger.log(level, "%s", line)
 

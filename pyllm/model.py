@@ -26,20 +26,25 @@ def _pyllm_progress_callback(progress, user_data):
         return False
 
 
-def _check_model_file(path: Path) -> None:
+def check_model_file(path: Path, source: Optional[str] = None) -> None:
+    """ModelLoadError, naming the path (and ``source``, where it came from: ``MODEL_PATH (from box.env)``,
+    ``-m``), unless ``path`` is a readable file that starts as a GGUF file does."""
+    def fail(message: str) -> ModelLoadError:
+        return ModelLoadError(f"{source}: {message}" if source else message)
+
     if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise fail(f"model file not found: {path}")
     if path.is_dir():
-        raise ModelLoadError(f"model path is a directory, not a GGUF file: {path}")
+        raise fail(f"model path is a directory, not a GGUF file: {path}")
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+        raise fail(f"cannot read model file {path}: {exc.strerror or exc}") from None
     if not magic:
-        raise ModelLoadError(f"model file is empty: {path}")
+        raise fail(f"model file is empty: {path}")
     if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {path}")
+        raise fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {path}")
 
 
 class Model(NativeHandle):
@@ -64,7 +69,7 @@ class Model(NativeHandle):
         split, main GPU and RPC servers (pyllm.placement; validated, servers checked, before loading)."""
         ensure_backend()
         self.path = Path(os.fspath(path))
-        _check_model_file(self.path)
+        check_model_file(self.path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = -1 if n_gpu_layers < 0 else n_gpu_layers
         if use_mmap and use_mlock:

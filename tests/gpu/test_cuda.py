@@ -84,3 +84,12 @@ def test_plan_on_the_device_matches_the_allocation(model, gpu_model_path, kv):
     kv_where = {name: d["context"] for name, d in row.devices.items() if d["context"]}
     assert kv_where and all(n.startswith("CUDA") and "host" not in n.lower() for n in kv_where), kv_where
     assert row.max_ctx == min(row.max_ctx_uncapped, row.n_ctx_train) and row.max_ctx > 8192
+
+
+def test_labels_name_the_gpu_the_layers_run_on(model, gpu_model_path):
+    with Context(model, n_ctx=1024, n_batch=512) as ctx:
+        assert ctx.weight_devices() == ["CUDA0"]
+    with Model(gpu_model_path, n_gpu_layers=2) as partial, Context(partial, n_ctx=1024, n_batch=512) as ctx:
+        assert ctx.weight_devices() == ["CUDA0", "CPU"]
+    info = build_info()
+    assert info["supports_gpu_offload"] is True and info["gpu_devices"][0].startswith("CUDA0 (")

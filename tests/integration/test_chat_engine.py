@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from pyllm import Engine, EngineConfig, chat
-from pyllm.errors import ChatTemplateError
+from pyllm.errors import ChatTemplateError, ConfigError, ContextFullError
 
 pytestmark = pytest.mark.skipif(chat.templates_dir() is None, reason="llama.cpp's models/templates not available")
 
@@ -124,3 +125,29 @@ def test_default_gemma_chats(default_model_path):
         assert r.n_generated > 0 and r.content == r.text.strip() and r.reasoning_content == ""
         assert e.chat([{"role": "user", "content": "Hi"}], max_tokens=2, template="gemma").prompt.startswith(
             "<start_of_turn>user\nHi")
+
+
+LONG = "Tell me about the sea. " * 36  # a chat prompt of 225 tokens for the default model: a 256-token context has little room
+
+
+def test_chat_without_max_tokens_gets_the_room_left_in_the_context(default_model_path):
+    with Engine(EngineConfig(model_path=str(default_model_path), n_ctx=256)) as e:
+        r = e.chat([{"role": "user", "content": LONG}])
+        room = e.n_ctx - r.n_prompt
+        assert 0 < room < 64 and 0 < r.n_generated <= room, (room, r.n_generated)
+        assert r.stop_reason in ("eog", "context_full")    # the room, not a number asked for, bounds it
+        with pytest.raises(ContextFullError, match="does not fit in n_ctx=256"):
+            e.chat([{"role": "user", "content": LONG}], max_tokens=room + 1)   # an explicit number must fit
+        with pytest.raises(ConfigError, match="max_tokens='all' is not valid; expected 'auto'"):
+            e.chat(MSGS, max_tokens="all")
+
+
+def test_cli_chat_caps_its_default_reply_and_prints_the_stop_reason(default_model_path, tmp_path):
+    env = {**os.environ, "MODEL_PATH": str(default_model_path)}
+    out = subprocess.run(CLI + ["chat", "-c", "256", "--temp", "0"], input=LONG, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"\[stop: (eog|context_full), \d+ tokens\]", out.stderr.strip()), out.stderr
+    out = subprocess.run(CLI + ["chat", "-c", "256", "-n", "100"], input=LONG, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, env=env)
+    assert out.returncode == 1 and "does not fit in n_ctx=256" in out.stderr, out.stderr

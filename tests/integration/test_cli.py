@@ -68,3 +68,26 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, default_model_path):
         assert out.returncode == 1, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (args, out.stderr)
+
+
+def test_info_says_gpu_offload_only_where_a_gpu_device_is_visible(tmp_path):
+    from pyllm.devices import offload_devices
+
+    gpus = [f"{d.name} ({d.description})" for d in offload_devices()]
+    info = json.loads(_run(["info", "--json"], tmp_path).stdout)
+    assert info["supports_gpu_offload"] is bool(gpus) and info["gpu_devices"] == gpus
+    line = next(ln for ln in _run(["info"], tmp_path).stdout.splitlines() if ln.startswith("GPU offload:"))
+    if not {"CUDA", "Metal", "Vulkan", "SYCL", "HIP"} & set(info["backends"]):
+        assert not gpus  # a build without a GPU backend (RPC compiled in or not) cannot offload here
+    if gpus:
+        assert line == f"GPU offload: yes ({', '.join(gpus)})"
+    else:
+        assert line.startswith("GPU offload: no (no GPU device visible"), line
+
+
+def test_bench_labels_the_backend_the_layers_ran_on(tmp_path, default_model_path):
+    # -ngl 0: every layer on the CPU, whatever the build has compiled in (RPC, CUDA).
+    for args in (["-p", "8", "-n", "0", "-r", "1"], ["--batched", "-npp", "8", "-ntg", "2", "-npl", "1", "-c", "256"]):
+        out = _run(["bench", "-m", str(default_model_path), "-ngl", "0", "-o", "json", *args], tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert {r["backend"] for r in json.loads(out.stdout)} == {"CPU"}, out.stdout

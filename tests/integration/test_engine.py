@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -84,6 +86,23 @@ def test_no_kv_log_lines_when_types_are_not_set(default_model_path, caplog):
     with _engine(default_model_path):
         pass
     assert not [r for r in caplog.records if "type set to" in r.getMessage()]
+
+
+def test_a_plain_load_from_python_is_quiet_and_real_warnings_still_show(default_model_path):
+    # Gemma 3's '</s>' made llama.cpp warn "control-looking token ... probably a bug in the model" on every
+    # load; llama.cpp corrects the token itself, so that line is INFO now. A context past the training
+    # length is a real warning: llama.cpp's own line and pyllm's reach stderr, with no logging configured.
+    code = ("import sys; from pyllm import Model; from pyllm.context import Context\n"
+            "m = Model(sys.argv[1]); print('loaded', file=sys.stderr, flush=True)\n"
+            "Context(m, n_ctx=40960, n_batch=512).close(); m.close()")
+    out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    load, context = out.stderr.split("loaded\n")
+    assert load == "", load
+    assert "control-looking token" not in out.stderr
+    assert "n_ctx_seq (40960) > n_ctx_train (32768) -- possible training context overflow" in context, context
+    assert "n_ctx=40960 is larger than the 32768 tokens model" in context, context
 
 
 def test_quantized_v_without_flash_attention_is_a_clean_error(model):

@@ -128,8 +128,8 @@ def test_out_of_vocabulary_tokens_never_reach_llama_decode(engine):
 
 
 def test_context_full_stops_cleanly(model, default_model_path):
-    with Engine(EngineConfig(model_path=str(default_model_path), n_ctx=64), model=model) as e:
-        n_ctx = e.context.n_ctx  # llama.cpp rounds small contexts up (256 cells)
+    with Engine(EngineConfig(model_path=str(default_model_path), n_ctx=256), model=model) as e:
+        n_ctx = e.context.n_ctx
         r = e.generate("Count: one two three", max_tokens=None, ignore_eos=True)
         assert r.stop_reason == "context_full"
         assert r.n_prompt + r.n_generated == n_ctx + 1  # the last token is sampled, never decoded

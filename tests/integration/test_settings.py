@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from pyllm.sampling import SamplingParams
 CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
 # Variables of the test runner's own environment that would leak into the commands under test.
 _SETTINGS_VARS = ("MODEL_PATH", "KV_CACHE_TYPE", "KV_CACHE_TYPE_K", "KV_CACHE_TYPE_V", "GPU_LAYERS", "FLASH_ATTN",
-                  "MAX_CONTEXT_LENGTH", "LLAMA_BATCH_SIZE", "LLAMA_UBATCH_SIZE", "LLAMA_THREADS", "PYLLM_ENV_FILE")
+                  "MAX_CONTEXT_LENGTH", "LLAMA_BATCH_SIZE", "LLAMA_UBATCH_SIZE", "LLAMA_THREADS", "PYLLM_ENV_FILE",
+                  "LLAMA_ARG_REPACK")
 
 
 def _run(args, cwd, **env):
@@ -92,3 +94,78 @@ def test_llama_seed_makes_sampled_generation_reproducible(monkeypatch, default_m
         other = engine.generate(prompt, max_tokens=24, sampling=SamplingParams(temperature=0.8, seed=8))
     assert first.tokens == second.tokens and first.n_generated == 24
     assert other.tokens != first.tokens  # the request's own seed still wins
+
+
+def test_a_context_below_llama_cpps_256_cells_is_an_error_naming_flag_and_variable(tmp_path, default_model_path):
+    # llama.cpp turned -c 4 into 256 cells without a word.
+    expected = ["pyllm: error: n_ctx=4 is below 256, the smallest context llama.cpp creates (it allocates the KV cache "
+                "in blocks of 256 cells); expected n_ctx (-c, MAX_CONTEXT_LENGTH) >= 256, or 0 for the model's "
+                "training context"]
+    for args, env in ((["-c", "4"], {}), ([], {"MAX_CONTEXT_LENGTH": "4"})):
+        out = _run(["generate", "hi", "-n", "1", *args], tmp_path, MODEL_PATH=str(default_model_path), **env)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == expected, out.stderr
+
+
+def test_a_context_past_the_training_context_is_a_warning_naming_both(tmp_path, default_model_path):
+    # llama.cpp warns "n_ctx_seq > n_ctx_train", but the CLI keeps llama.cpp's own lines quiet.
+    out = _run(["generate", "hi", "-n", "1"], tmp_path, MODEL_PATH=str(default_model_path),
+               MAX_CONTEXT_LENGTH="40960")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, out.stderr
+    assert ("n_ctx=40960 is larger than the 32768 tokens model" in warnings[0]
+            and "n_ctx (-c, MAX_CONTEXT_LENGTH) <= 32768" in warnings[0]), warnings
+
+
+def test_gpu_layers_without_a_gpu_is_one_warning_naming_the_setting(tmp_path, default_model_path):
+    from pyllm.devices import devices
+
+    if any(d.type in ("gpu", "igpu") for d in devices()):
+        pytest.skip("a GPU is visible: the layers go there")
+    out = _run(["bench", "-p", "8", "-n", "2", "-r", "1", "-o", "json", "-ctk", "f16,q8_0"], tmp_path,
+               MODEL_PATH=str(default_model_path), GPU_LAYERS="99")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "n_gpu_layers=99 (-ngl, GPU_LAYERS)" in warnings[0] \
+        and "no GPU device is visible" in warnings[0], out.stderr  # once, though bench builds four engines
+    quiet = _run(["generate", "hi", "-n", "1", "-c", "256", "-ngl", "0"], tmp_path, MODEL_PATH=str(default_model_path))
+    assert quiet.returncode == 0 and "WARNING" not in quiet.stderr, quiet.stderr
+
+
+def test_a_missing_model_names_model_path_the_file_and_the_env_file(tmp_path):
+    from pyllm.config import EngineConfig
+    from pyllm.errors import ModelLoadError
+
+    missing = tmp_path / "models" / "gone.gguf"
+    box = tmp_path / "box.env"
+    box.write_text(f"MODEL_PATH={missing}\n")
+    expected = f"pyllm: error: MODEL_PATH (from {box}): model file not found: {missing}"
+    for command in (["generate", "hi"], ["plan"]):
+        out = _run(["--env-file", str(box), *command], tmp_path)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == [expected], out.stderr
+    out = _run(["generate", "hi", "-m", str(missing)], tmp_path)
+    assert out.stderr.strip().splitlines() == [f"pyllm: error: -m: model file not found: {missing}"], out.stderr
+    with pytest.raises(ModelLoadError, match="^" + re.escape(expected.removeprefix("pyllm: error: ")) + "$"):
+        Engine(EngineConfig.from_env({}, env_file=str(box)))
+
+
+def test_no_repack_keeps_the_weights_as_stored(tmp_path, default_model_path):
+    from pyllm.config import EngineConfig
+
+    def repacked_bytes(env):
+        cfg = EngineConfig.from_env({"MODEL_PATH": str(default_model_path), "GPU_LAYERS": "0", **env}, n_ctx=256)
+        with Engine(cfg) as engine:
+            return sum(r["model"] for r in engine.context.memory_breakdown() if r["name"] == "CPU_REPACK")
+
+    if not repacked_bytes({}):
+        pytest.skip("this CPU has no repacked kernels for the model's weight types")
+    assert repacked_bytes({"LLAMA_ARG_REPACK": "0"}) == 0
+    # llama.cpp's own load log (-vv) lists the buffers it put the weights in.
+    for flags, env, repacked in ((["--no-repack"], {}, False), (["-nr"], {}, False),
+                                 (["--repack"], {"LLAMA_ARG_REPACK": "0"}, True), ([], {}, True)):
+        out = _run(["-vv", "generate", "hi", "-n", "1", "-c", "256", *flags], tmp_path,
+                   MODEL_PATH=str(default_model_path), **env)
+        assert out.returncode == 0 and ("CPU_REPACK model buffer" in out.stderr) == repacked, (flags, out.stderr)
+    out = _run(["generate", "hi", "-n", "1"], tmp_path, MODEL_PATH=str(default_model_path), LLAMA_ARG_REPACK="maybe")
+    assert out.stderr.strip().splitlines() == ["pyllm: error: LLAMA_ARG_REPACK='maybe' is not a boolean; expected one "
+                                               "of: 1, true, yes, on, 0, false, no, off"], out.stderr
