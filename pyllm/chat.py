@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from pyllm._ffi import ffi, lib
-from pyllm.errors import ChatTemplateError
+from pyllm.errors import BrokenChatTemplateError, ChatTemplateError
 
 logger = logging.getLogger("pyllm")
 
@@ -199,9 +199,9 @@ def _compile(text: str, source: str):
     try:
         return _environment().from_string(text)
     except TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
+        raise BrokenChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
     except TemplateError as exc:
-        raise ChatTemplateError(f"chat template {source} does not compile: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} does not compile: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,6 +276,12 @@ class ChatTemplate:
     def is_jinja(self) -> bool:
         return self.text is not None
 
+    def check(self) -> None:
+        """Compile a Jinja template now (a server does at start-up): a syntax error raises
+        BrokenChatTemplateError naming the source and the line. A built-in name has nothing to compile."""
+        if self.text is not None:
+            _compile(self.text, self.source)
+
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools: Optional[list] = None,
                seconds: float = RENDER_SECONDS, max_chars: int = MAX_OUTPUT_CHARS, **template_kwargs: Any) -> str:
         """The prompt text for ``messages``; ``template_kwargs`` (``enable_thinking``, ``reasoning_effort``,
@@ -331,18 +337,19 @@ def _render(tmpl, variables: dict, source: str, seconds: float, max_chars: int) 
             budget.size(total)
             budget.tick()
             parts.append(chunk)
-    except _TemplateRaised as exc:
+    except _TemplateRaised as exc:  # the template refuses this conversation: the messages are at fault
         raise ChatTemplateError(f"chat template {source} raised an error: {exc}") from None
+    # Everything else is the template's own failure, whatever the messages were.
     except _Limit as exc:
-        raise ChatTemplateError(f"chat template {source} was stopped: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} was stopped: {exc}") from None
     except SecurityError as exc:
-        raise ChatTemplateError(f"chat template {source} did something the sandbox forbids: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} did something the sandbox forbids: {exc}") from None
     except TemplateError as exc:
-        raise ChatTemplateError(f"chat template {source} failed: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: {exc}") from None
     except RecursionError:
-        raise ChatTemplateError(f"chat template {source} failed: recursion too deep") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: recursion too deep") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
-        raise ChatTemplateError(f"chat template {source} failed: {type(exc).__name__}: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: {type(exc).__name__}: {exc}") from None
     finally:
         _local.budget = outer
     return "".join(parts)

@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyllm.batched import MAX_TOP_LOGPROBS
 from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
-from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
-                          TokenizeError)
+from pyllm.errors import (BrokenChatTemplateError, ChatTemplateError, ClosedError, ConfigError, ContextFullError,
+                          QueueFullError, TokenizeError)
 from pyllm.sampling import SamplingParams
 import pyllm.server.metrics as _metrics
 from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Message,
@@ -386,12 +386,19 @@ def create_app(
     def ready(eng) -> None:
         state.kv = _kv_info(eng)
         model = eng.model
-        # Resolved once: the template comes from the server's configuration, never from a request.
+        # Resolved and compiled once: the template comes from the server's configuration, never from a
+        # request, so one that is named but unusable stops the start-up instead of failing every request.
+        spec = chat_template or eng.config.chat_template
         try:
-            state.template = resolve_template(chat_template or eng.config.chat_template, model)
+            template = resolve_template(spec, model)
         except ChatTemplateError as exc:
-            state.template_error = str(exc)
+            if spec:
+                raise
+            state.template_error = str(exc)   # a model without any template: /v1/completions still works
             log.warning("chat completions are unavailable: %s", exc)
+        else:
+            template.check()
+            state.template = template
         path = Path(str(getattr(eng.model, "path", "model")))
         ids = [model_name or path.name, path.name, path.stem, *aliases]
         names[:] = list(dict.fromkeys(n for n in ids if n))
@@ -402,11 +409,17 @@ def create_app(
 
     def load() -> None:
         try:
-            ready(loader())
+            eng = loader()
+            try:
+                ready(eng)
+            except BaseException:
+                if owns:
+                    eng.close()
+                raise
             log.info("model loaded; serving")
         except BaseException as exc:  # reported through /health and on_load_error, not lost in a thread
             state.load_error = exc
-            log.error("loading the model failed: %s", exc)
+            log.error("start-up failed: %s", exc)
             if on_load_error is not None:
                 on_load_error(exc)
 
@@ -448,7 +461,7 @@ def create_app(
     def engine_or_503():
         if state.engine is None:
             if state.load_error is not None:
-                raise APIError(503, f"the model failed to load: {state.load_error}")
+                raise APIError(503, f"the server failed to start: {state.load_error}")
             raise APIError(503, "Loading model", headers={"Retry-After": str(retry_after_s)})
         return state.engine
 
@@ -659,6 +672,9 @@ def create_app(
 
         try:
             prompt_text, tokens = await asyncio.to_thread(render_and_tokenize)
+        except BrokenChatTemplateError as exc:   # the server's template failed, whatever the messages were
+            log.error("chat template failed: %s", exc)
+            raise APIError(500, str(exc), code="chat_template_failed") from None
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
         if not tokens:

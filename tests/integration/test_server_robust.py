@@ -1,0 +1,151 @@
+"""pyllm serve when things go wrong on the server's side: broken chat templates, text a format would lose
+(NUL characters, messages a built-in format has no place for), and what the server logs.
+
+The app runs on a random port in a uvicorn thread around one module engine (the default model, whose GGUF
+has no chat template: llama.cpp's built-in ``gemma`` format renders it); start-up is tested on a real
+``python -m pyllm.server`` process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from pyllm.batched import BatchedEngine
+from pyllm.config import EngineConfig
+from pyllm.errors import ChatTemplateError
+from pyllm.server import create_app
+
+N_CTX, N_PARALLEL = 1024, 2
+
+# A Jinja template of Gemma's format (what llama.cpp's built-in 'gemma' renders, system turns aside).
+GEMMA_JINJA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+               "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Hugging Face's usual refusal: the conversation, not the template, is wrong.
+ALTERNATING_JINJA = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                     "{% endif %}{% endfor %}" + GEMMA_JINJA)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Running:
+    """An app served by uvicorn on a random port, in a thread."""
+
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    config = EngineConfig(model_path=str(default_model_path), n_ctx=N_CTX, n_parallel=N_PARALLEL)
+    with BatchedEngine(config, max_queue=4) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    """url of an app per chat template (None: the model's own, llama.cpp's built-in 'gemma')."""
+    running: dict = {}
+
+    def url(template=None) -> str:
+        if template not in running:
+            running[template] = _Running(create_app(engine, chat_template=template))
+        return running[template].url
+
+    yield url
+    for r in running.values():
+        r.stop()
+
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=120)
+
+
+def _error(r: httpx.Response) -> dict:
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+def _wait_idle(engine, timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s["active"] == 0 and s["queued"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"engine still busy: {s}"
+        time.sleep(0.02)
+
+
+def _chat(url: str, messages: list, **extra) -> httpx.Response:
+    return _post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 1, "temperature": 0, **extra})
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken templates: at start-up, and as the server's fault
+# ---------------------------------------------------------------------------------------------
+def test_create_app_with_a_template_that_does_not_compile_raises(engine, tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(ChatTemplateError, match=r"bad\.jinja has a syntax error at line 2"):
+        create_app(engine, chat_template=str(bad))
+    with pytest.raises(ChatTemplateError, match=r"unknown chat template 'gemmma'"):
+        create_app(engine, chat_template="gemmma")
+    assert not engine.closed
+
+
+def test_serve_refuses_to_start_with_a_template_that_does_not_compile(tmp_path, default_model_path):
+    bad = tmp_path / "broken.jinja"
+    bad.write_text("{{ bos_token }}\n{% for m in messages %}{{ m.content }}\n")   # no endfor
+    out = subprocess.run([sys.executable, "-m", "pyllm.server", "--port", str(_free_port()), "-c", "512", "-np", "1",
+                          "--chat-template", str(bad)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MODEL_PATH": str(default_model_path)})
+    assert out.returncode != 0, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pyllm: error: chat template ") and "broken.jinja" in last and "at line 2" in last, out.stderr
+
+
+def test_a_template_refusing_the_conversation_is_400_and_a_template_bug_is_500(served, engine):
+    url = served(ALTERNATING_JINJA)
+    assert _chat(url, HELLO).status_code == 200
+    r = _chat(url, [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}])
+    err = _error(r)
+    assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["param"] == "messages"
+    assert "roles must alternate" in err["message"]
+    for text, fragment in (("{{ messages[0].content - 1 }}", "TypeError"),           # a bug in the template
+                           ("{{ 'x' * 9000000 }}", "characters"),                    # the sandbox's size limit
+                           ("{{ messages.__class__.__mro__ }}", "template text")):   # what the sandbox forbids
+        r = _chat(served(text), HELLO)
+        err = _error(r)
+        assert r.status_code == 500 and err["type"] == "server_error", (text, r.text)
+        assert fragment in err["message"] and "template" in err["message"], (text, err)
+        assert _chat(url, HELLO).status_code == 200   # and the server keeps serving
+    _wait_idle(engine)
