@@ -302,25 +302,57 @@ class ChatTemplate:
                                     "which has no tools; use the model's Jinja template or a shipped one")
         if kwargs:
             logger.debug("built-in chat template %s ignores %s", self.builtin, ", ".join(sorted(kwargs)))
-        keep = []
-        arr = ffi.new("llama_chat_message[]", len(msgs))
-        total = 0
-        for i, m in enumerate(msgs):
-            r = ffi.new("char[]", m["role"].encode("utf-8", "replace"))
-            c = ffi.new("char[]", _text_of(m.get("content")).encode("utf-8", "replace"))
-            keep += (r, c)
-            arr[i].role, arr[i].content = r, c
-            total += len(r) + len(c)
-        tmpl_c = self.builtin.encode()
-        size = max(256, 2 * total + 256)
-        while True:
-            buf = ffi.new("char[]", size)
-            n = lib.llama_chat_apply_template(tmpl_c, arr, len(msgs), add_assistant, buf, size)
-            if n < 0:
-                raise ChatTemplateError(f"llama.cpp's built-in chat templates do not recognise {self.builtin!r}")
-            if n <= size:
-                return ffi.unpack(buf, n).decode("utf-8", "replace")
-            size = n + 1
+        turns = [(m["role"], _text_of(m.get("content"))) for m in msgs]
+        # llama_chat_apply_template takes C strings: text after a NUL would vanish.
+        for i, (role, text) in enumerate(turns):
+            for what, value in (("role", role), ("content", text)):
+                if "\0" in value:
+                    raise ChatTemplateError(
+                        f"message {i} ({role!r}) has a NUL character in its {what} (at index {value.index(chr(0))}); "
+                        f"llama.cpp's built-in {self.builtin!r} chat format (chat template: {self.source}) takes C "
+                        "strings and would drop the text after it")
+        # A format places each role where it has a place for it, and leaves out the rest without a word
+        # (gemma folds a system message into the next user turn, so a lone one vanishes; many formats
+        # drop 'tool' or 'developer'). Which messages survive depends on the roles only: render markers first.
+        probe = _apply_builtin(self.builtin, [(role, _marker(i)) for i, (role, _) in enumerate(turns)], add_assistant)
+        for i, (role, text) in enumerate(turns):
+            if text.strip() and _marker(i) not in probe:
+                why = ("it puts a system message into the next user turn, and none follows"
+                       if role == "system" and all(r != "user" for r, _ in turns[i + 1:]) else
+                       "it has no place for that role there")
+                raise ChatTemplateError(
+                    f"message {i} (role {role!r}) would be dropped by llama.cpp's built-in {self.builtin!r} chat "
+                    f"format (chat template: {self.source}): {why}; send the text in a message it keeps "
+                    "(e.g. a 'user' one), or serve a Jinja template (--chat-template)")
+        return _apply_builtin(self.builtin, turns, add_assistant)
+
+
+def _marker(i: int) -> str:
+    # Letters only: the built-in formats trim whitespace around a message's text, nothing else.
+    return f"PyllmProbe{i}Q"
+
+
+def _apply_builtin(name: str, turns: Sequence[tuple[str, str]], add_assistant: bool) -> str:
+    """llama.cpp's built-in format ``name`` applied to (role, text) pairs (neither may hold a NUL)."""
+    keep = []
+    arr = ffi.new("llama_chat_message[]", len(turns))
+    total = 0
+    for i, (role, text) in enumerate(turns):
+        r = ffi.new("char[]", role.encode("utf-8", "replace"))
+        c = ffi.new("char[]", text.encode("utf-8", "replace"))
+        keep += (r, c)
+        arr[i].role, arr[i].content = r, c
+        total += len(r) + len(c)
+    tmpl_c = name.encode()
+    size = max(256, 2 * total + 256)
+    while True:
+        buf = ffi.new("char[]", size)
+        n = lib.llama_chat_apply_template(tmpl_c, arr, len(turns), add_assistant, buf, size)
+        if n < 0:
+            raise ChatTemplateError(f"llama.cpp's built-in chat templates do not recognise {name!r}")
+        if n <= size:
+            return ffi.unpack(buf, n).decode("utf-8", "replace")
+        size = n + 1
 
 
 def _render(tmpl, variables: dict, source: str, seconds: float, max_chars: int) -> str:

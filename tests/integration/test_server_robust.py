@@ -149,3 +149,65 @@ def test_a_template_refusing_the_conversation_is_400_and_a_template_bug_is_500(s
         assert fragment in err["message"] and "template" in err["message"], (text, err)
         assert _chat(url, HELLO).status_code == 200   # and the server keeps serving
     _wait_idle(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text a format would lose: the default model's built-in 'gemma' format
+# ---------------------------------------------------------------------------------------------
+def test_builtin_format_refuses_a_message_it_would_drop(served, engine):
+    url = served()
+    r = _chat(url, [{"role": "system", "content": "You are a pirate. Answer in pirate speak."}])
+    err = _error(r)
+    assert r.status_code == 400 and err["param"] == "messages", r.text
+    assert "message 0" in err["message"] and "'system'" in err["message"] and "gemma" in err["message"], err
+    # The same system message before a user turn is rendered (gemma folds it into that turn).
+    ok = _chat(url, [{"role": "system", "content": "You are a pirate."}, *HELLO])
+    assert ok.status_code == 200
+    assert ok.json()["usage"]["prompt_tokens"] > _chat(url, HELLO).json()["usage"]["prompt_tokens"] + 4
+    _wait_idle(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# NUL characters: kept on every text path, or refused naming the field
+# ---------------------------------------------------------------------------------------------
+TAIL = " and then the text after it goes on for a good many more words"
+
+
+def test_nul_in_a_message_of_a_builtin_format_is_refused(served):
+    r = _chat(served(), [{"role": "user", "content": "Hello\x00" + TAIL}])
+    err = _error(r)
+    assert r.status_code == 400 and err["param"] == "messages", r.text
+    assert "message 0" in err["message"] and "NUL" in err["message"], err
+
+
+def test_nul_in_a_message_of_a_jinja_template_is_kept(served, engine):
+    url = served(GEMMA_JINJA)
+    short = _chat(url, [{"role": "user", "content": "Hello"}]).json()["usage"]["prompt_tokens"]
+    r = _chat(url, [{"role": "user", "content": "Hello\x00" + TAIL}])
+    assert r.status_code == 200, r.text
+    tail = len(engine.model.tokenize("\x00" + TAIL, add_special=False))
+    assert r.json()["usage"]["prompt_tokens"] == short + tail
+
+
+def test_nul_in_tokenize_and_completion_prompts_is_kept(served, engine):
+    url = served()
+    text = "Hello\x00" + TAIL
+    r = _post(url, "/tokenize", {"content": text})
+    tokens = r.json()["tokens"]
+    assert engine.model.detokenize(tokens) == text
+    assert _post(url, "/detokenize", {"tokens": tokens}).json() == {"content": text}
+    r = _post(url, "/v1/completions", {"prompt": text, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tokens) + 1   # + BOS
+
+
+def test_nul_in_a_stop_string_is_part_of_it(served, engine):
+    url = served()
+    body = {"prompt": "The days of the week are Monday,", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    full = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    word = full.split()[0]
+    assert word and "\x00" not in full
+    cut = _post(url, "/v1/completions", {**body, "stop": [word]}).json()["choices"][0]
+    assert cut["text"] == full[:full.index(word)] and cut["finish_reason"] == "stop"
+    # "word\0" never appears in the output: a stop string cut at its NUL would stop at "word".
+    kept = _post(url, "/v1/completions", {**body, "stop": [word + "\x00"]}).json()["choices"][0]
+    assert kept["text"] == full and kept["finish_reason"] == "length"
