@@ -34,6 +34,8 @@ from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, Deto
                                   TokenizeRequest)
 
 log = logging.getLogger("pyllm.server")
+# One line per request: method, path, status, duration (never the body, the query or the headers).
+access_log = logging.getLogger("pyllm.server.access")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
@@ -112,6 +114,23 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        t0 = time.perf_counter()
+        status: dict = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send)
+        finally:
+            path = scope.get("path", "")
+            # 499: the client went away before any response (nginx's code).
+            access_log.info("%s %s %d %.3fs", scope.get("method", "?"), path if path.isprintable() else ascii(path),
+                            status.get("code", 499), time.perf_counter() - t0)
+
+    async def _guarded(self, scope, receive, send) -> None:
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
         headers = dict(scope.get("headers") or ())
@@ -339,6 +358,18 @@ def _kv_info(engine) -> Optional[dict]:
         return None
 
 
+def _startup_summary(engine, kv: Optional[dict], template: Optional[ChatTemplate], names: Sequence[str]) -> str:
+    """One line saying what the server loaded: the model, the context, the KV cache, the chat template."""
+    model, ctx = engine.model, engine.context
+    mib = 1024 * 1024
+    kv_text = (f"K {kv['type_k']} {kv['k'] / mib:.1f} MiB + V {kv['type_v']} {kv['v'] / mib:.1f} MiB"
+               if kv else f"K {ctx.type_k} + V {ctx.type_v}")
+    return (f"serving {Path(str(model.path)).name} ({model.desc}) as {', '.join(repr(n) for n in names)}: "
+            f"n_ctx={engine.n_ctx} ({engine.n_ctx_seq} per sequence), n_parallel={engine.n_parallel}, "
+            f"KV cache {kv_text}, flash_attn={'on' if ctx.flash_attn else 'off'}, chat template: "
+            + (template.source if template is not None else "none (only /v1/completions works)"))
+
+
 def _ctx_per_sequence(engine) -> int:
     """Tokens one request may occupy: the whole context if unified, else the sequence's share."""
     s = engine.stats()
@@ -402,6 +433,7 @@ def create_app(
         path = Path(str(getattr(eng.model, "path", "model")))
         ids = [model_name or path.name, path.name, path.stem, *aliases]
         names[:] = list(dict.fromkeys(n for n in ids if n))
+        log.info("%s", _startup_summary(eng, state.kv, state.template, names))
         state.engine = eng
 
     if engine is not None:
@@ -416,7 +448,6 @@ def create_app(
                 if owns:
                     eng.close()
                 raise
-            log.info("model loaded; serving")
         except BaseException as exc:  # reported through /health and on_load_error, not lost in a thread
             state.load_error = exc
             log.error("start-up failed: %s", exc)

@@ -211,3 +211,48 @@ def test_nul_in_a_stop_string_is_part_of_it(served, engine):
     # "word\0" never appears in the output: a stop string cut at its NUL would stop at "word".
     kept = _post(url, "/v1/completions", {**body, "stop": [word + "\x00"]}).json()["choices"][0]
     assert kept["text"] == full and kept["finish_reason"] == "length"
+
+
+# ---------------------------------------------------------------------------------------------
+# What pyllm serve logs: one start-up summary, one line per request
+# ---------------------------------------------------------------------------------------------
+def test_serve_logs_what_it_loaded_and_one_line_per_request(tmp_path, default_model_path):
+    port, key, secret = _free_port(), "k3y-never-logged", "SECRET-PROMPT-TEXT"
+    proc = subprocess.Popen([sys.executable, "-m", "pyllm.server", "--port", str(port), "-c", "512", "-np", "2",
+                             "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MODEL_PATH": str(default_model_path), "PYLLM_API_KEY": key})
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                       json={"prompt": secret, "max_tokens": 2, "stream": True})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert key not in out and secret not in out, out
+    summary = [line for line in out.splitlines() if line.startswith("pyllm.server: INFO: serving ")]
+    assert len(summary) == 1, out
+    for fragment in (default_model_path.name, "n_ctx=512", "n_parallel=2", "K q8_0 ", "MiB + V q8_0 ",
+                     "flash_attn=on", "chat template: llama.cpp built-in 'gemma'"):
+        assert fragment in summary[0], (fragment, summary[0])
+    access = [line.split("INFO: ", 1)[1] for line in out.splitlines() if line.startswith("pyllm.server.access: INFO: ")]
+    assert any(line.startswith("GET /health 200 ") for line in access), access
+    assert [line.rsplit(" ", 1)[0] for line in access if "/health" not in line] == [
+        "POST /v1/completions 200", "GET /v1/models 401"], access
+    assert all(line.endswith("s") and float(line.rsplit(" ", 1)[1][:-1]) >= 0 for line in access), access
