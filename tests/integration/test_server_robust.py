@@ -256,3 +256,41 @@ def test_serve_logs_what_it_loaded_and_one_line_per_request(tmp_path, default_mo
     assert [line.rsplit(" ", 1)[0] for line in access if "/health" not in line] == [
         "POST /v1/completions 200", "GET /v1/models 401"], access
     assert all(line.endswith("s") and float(line.rsplit(" ", 1)[1][:-1]) >= 0 for line in access), access
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults the fuzz (test_server_fuzz.py) found
+# ---------------------------------------------------------------------------------------------
+def test_a_sampling_value_c_cannot_hold_is_400_not_a_hung_request(served, engine):
+    url = served()
+    for field, value in (("top_k", 2**31), ("top_k", 2**63)):
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, field: value}, timeout=20)
+        err = _error(r)
+        assert r.status_code == 400 and err["param"] == field and "out of range" in err["message"], r.text
+    assert _post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "top_k": 2**31 - 1}).status_code == 200
+    _wait_idle(engine)
+
+
+def test_a_request_that_cannot_start_fails_alone_and_frees_its_slot(served, engine, monkeypatch):
+    import pyllm.batched
+
+    url = served()
+    real = pyllm.batched.Sampler
+
+    def broken(params, n_vocab):
+        if params.top_k == 7:
+            raise RuntimeError("injected: this sampler cannot be built")
+        return real(params, n_vocab)
+
+    monkeypatch.setattr(pyllm.batched, "Sampler", broken)
+    for stream in (False, True):
+        r = httpx.post(url + "/v1/completions", timeout=20,
+                       json={"prompt": "Hi", "max_tokens": 2, "top_k": 7, "stream": stream})
+        if stream:   # the stream had started (200): the error is its last event before [DONE]
+            assert r.status_code == 200 and '"type":"server_error"' in r.text and "injected" in r.text, r.text
+        else:
+            assert r.status_code == 500 and _error(r)["type"] == "server_error" and "injected" in r.text, r.text
+    s = _wait_idle(engine, timeout=5)
+    assert s["kv_cells_reserved"] == 0
+    for _ in range(N_PARALLEL + 1):   # every slot is free again
+        assert _post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "top_k": 8}).status_code == 200
