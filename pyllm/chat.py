@@ -199,7 +199,8 @@ def _compile(text: str, source: str):
     try:
         return _environment().from_string(text)
     except TemplateSyntaxError as exc:
-        raise BrokenChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
+        raise BrokenChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: "
+                                      f"{exc.message}") from None
     except TemplateError as exc:
         raise BrokenChatTemplateError(f"chat template {source} does not compile: {exc}") from None
 

@@ -232,7 +232,8 @@ def test_fuzz_methods_and_paths(http, method, path, content):
 
 # Every field of every request model, one at a time, set to each value that has bitten servers before.
 SPECIAL = [None, True, 0, -1, 2**31, 2**63, 2**64, -2**63 - 1, 1e308, "", "\x00", "\ud800", [None], {"": 1}]
-BASES = {"/v1/chat/completions": (ChatCompletionRequest, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+BASES = {"/v1/chat/completions": (ChatCompletionRequest, {"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 1}),
          "/v1/completions": (CompletionRequest, {"prompt": "Hi", "max_tokens": 1}),
          "/tokenize": (TokenizeRequest, {"content": "Hi"}), "/detokenize": (DetokenizeRequest, {"tokens": [1, 2]})}
 

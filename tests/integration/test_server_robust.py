@@ -27,8 +27,9 @@ from pyllm.server import create_app
 N_CTX, N_PARALLEL = 1024, 2
 
 # A Jinja template of Gemma's format (what llama.cpp's built-in 'gemma' renders, system turns aside).
-GEMMA_JINJA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-               "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA_JINJA = ("{{ bos_token }}{% for m in messages %}"
+               "<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<end_of_turn>\n"
+               "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 # Hugging Face's usual refusal: the conversation, not the template, is wrong.
 ALTERNATING_JINJA = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
                      "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -130,7 +131,8 @@ def test_serve_refuses_to_start_with_a_template_that_does_not_compile(tmp_path, 
                          env={**os.environ, "MODEL_PATH": str(default_model_path)})
     assert out.returncode != 0, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("pyllm: error: chat template ") and "broken.jinja" in last and "at line 2" in last, out.stderr
+    assert last.startswith("pyllm: error: chat template ") and "broken.jinja" in last, out.stderr
+    assert "has a syntax error at line 2" in last, out.stderr
 
 
 def test_a_template_refusing_the_conversation_is_400_and_a_template_bug_is_500(served, engine):

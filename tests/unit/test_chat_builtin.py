@@ -81,7 +81,8 @@ def test_empty_messages_a_format_leaves_out_are_no_loss():
 
 
 def test_nul_is_refused_naming_the_message_and_field():
-    with pytest.raises(ChatTemplateError, match=r"message 1 \('user'\) has a NUL character in its content \(at index 2\)"):
+    with pytest.raises(ChatTemplateError,
+                       match=r"message 1 \('user'\) has a NUL character in its content \(at index 2\)"):
         _builtin("chatml").render([{"role": "user", "content": "ok"}, {"role": "user", "content": "ab\x00cd"}])
     with pytest.raises(ChatTemplateError, match=r"message 0 \('us\\x00er'\) has a NUL character in its role"):
         _builtin("chatml").render([{"role": "us\x00er", "content": "ab"}])
