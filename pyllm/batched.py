@@ -678,7 +678,15 @@ class BatchedEngine:
                 if not self._queue:
                     return
                 req = self._queue[0]
-            if not self._try_admit(req):
+            try:
+                admitted = self._try_admit(req)
+            except Exception as exc:  # this request cannot start: it alone fails, and must not block the queue
+                logger.exception("admitting a request failed")
+                with self._cond:
+                    self._queue.remove(req)
+                self._finish_unadmitted(req, "error", error=exc)
+                continue
+            if not admitted:
                 return  # first come, first served: later requests wait behind the head
             with self._cond:
                 self._queue.popleft()
@@ -742,16 +750,16 @@ class BatchedEngine:
 
     def _bind(self, req: Request, slot: _Slot, keep: int) -> None:
         """Admit ``req`` into ``slot`` whose first ``keep`` cached tokens are its prompt's."""
+        # What can fail comes first: a request that cannot start must not hold the slot.
+        sampler = None if req.sampling.is_plain_greedy else Sampler(req.sampling, self.model.n_vocab)
+        bias = bias_arrays(req.sampling) if sampler is None else None
         req._slot, slot.req = slot, req
         req.seq_id = slot.seq
         req._pos = keep
         req._n_cached = keep
         req._t_admit = time.perf_counter_ns()
         req._text = TextStream(req.stops)
-        if not req.sampling.is_plain_greedy:
-            req._sampler = Sampler(req.sampling, self.model.n_vocab)
-        else:
-            req._bias = bias_arrays(req.sampling)
+        req._sampler, req._bias = sampler, bias
         self._active.append(req)
         with self._cond:
             self._counters["prompt_tokens_total"] += req.n_prompt
@@ -960,10 +968,11 @@ class BatchedEngine:
             self._dirty = True  # a slot and cells are free: the queue's head may fit now
         r._publish(result=result)
 
-    def _finish_unadmitted(self, r: Request, reason: str) -> None:
+    def _finish_unadmitted(self, r: Request, reason: str, error: Optional[BaseException] = None) -> None:
         with self._cond:
             self._unfinished -= 1
-        r._publish(result=GenerationResult(text="", tokens=[], n_prompt=r.n_prompt, stop_reason=StopReason(reason)))
+        r._publish(result=GenerationResult(text="", tokens=[], n_prompt=r.n_prompt, stop_reason=StopReason(reason),
+                                           error=error))
 
     def _seq_positions(self) -> list[tuple[int, int]]:
         mem = self._mem

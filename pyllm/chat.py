@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from pyllm._ffi import ffi, lib
-from pyllm.errors import ChatTemplateError
+from pyllm.errors import BrokenChatTemplateError, ChatTemplateError
 
 logger = logging.getLogger("pyllm")
 
@@ -201,9 +201,10 @@ def _compile(text: str, source: str):
     try:
         return _environment().from_string(text)
     except TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
+        raise BrokenChatTemplateError(f"chat template {source} has a syntax error at line {exc.lineno}: "
+                                      f"{exc.message}") from None
     except TemplateError as exc:
-        raise ChatTemplateError(f"chat template {source} does not compile: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} does not compile: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +279,12 @@ class ChatTemplate:
     def is_jinja(self) -> bool:
         return self.text is not None
 
+    def check(self) -> None:
+        """Compile a Jinja template now (a server does at start-up): a syntax error raises
+        BrokenChatTemplateError naming the source and the line. A built-in name has nothing to compile."""
+        if self.text is not None:
+            _compile(self.text, self.source)
+
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools: Optional[list] = None,
                seconds: float = RENDER_SECONDS, max_chars: int = MAX_OUTPUT_CHARS, **template_kwargs: Any) -> str:
         """The prompt text for ``messages``; ``template_kwargs`` (``enable_thinking``, ``reasoning_effort``,
@@ -337,25 +344,57 @@ class ChatTemplate:
                                     "which has no tools; use the model's Jinja template or a shipped one")
         if kwargs:
             logger.debug("built-in chat template %s ignores %s", self.builtin, ", ".join(sorted(kwargs)))
-        keep = []
-        arr = ffi.new("llama_chat_message[]", len(msgs))
-        total = 0
-        for i, m in enumerate(msgs):
-            r = ffi.new("char[]", m["role"].encode("utf-8", "replace"))
-            c = ffi.new("char[]", _text_of(m.get("content")).encode("utf-8", "replace"))
-            keep += (r, c)
-            arr[i].role, arr[i].content = r, c
-            total += len(r) + len(c)
-        tmpl_c = self.builtin.encode()
-        size = max(256, 2 * total + 256)
-        while True:
-            buf = ffi.new("char[]", size)
-            n = lib.llama_chat_apply_template(tmpl_c, arr, len(msgs), add_assistant, buf, size)
-            if n < 0:
-                raise ChatTemplateError(f"llama.cpp's built-in chat templates do not recognise {self.builtin!r}")
-            if n <= size:
-                return ffi.unpack(buf, n).decode("utf-8", "replace")
-            size = n + 1
+        turns = [(m["role"], _text_of(m.get("content"))) for m in msgs]
+        # llama_chat_apply_template takes C strings: text after a NUL would vanish.
+        for i, (role, text) in enumerate(turns):
+            for what, value in (("role", role), ("content", text)):
+                if "\0" in value:
+                    raise ChatTemplateError(
+                        f"message {i} ({role!r}) has a NUL character in its {what} (at index {value.index(chr(0))}); "
+                        f"llama.cpp's built-in {self.builtin!r} chat format (chat template: {self.source}) takes C "
+                        "strings and would drop the text after it")
+        # A format places each role where it has a place for it, and leaves out the rest without a word
+        # (gemma folds a system message into the next user turn, so a lone one vanishes; many formats
+        # drop 'tool' or 'developer'). Which messages survive depends on the roles only: render markers first.
+        probe = _apply_builtin(self.builtin, [(role, _marker(i)) for i, (role, _) in enumerate(turns)], add_assistant)
+        for i, (role, text) in enumerate(turns):
+            if text.strip() and _marker(i) not in probe:
+                why = ("it puts a system message into the next user turn, and none follows"
+                       if role == "system" and all(r != "user" for r, _ in turns[i + 1:]) else
+                       "it has no place for that role there")
+                raise ChatTemplateError(
+                    f"message {i} (role {role!r}) would be dropped by llama.cpp's built-in {self.builtin!r} chat "
+                    f"format (chat template: {self.source}): {why}; send the text in a message it keeps "
+                    "(e.g. a 'user' one), or serve a Jinja template (--chat-template)")
+        return _apply_builtin(self.builtin, turns, add_assistant)
+
+
+def _marker(i: int) -> str:
+    # Letters only: the built-in formats trim whitespace around a message's text, nothing else.
+    return f"PyllmProbe{i}Q"
+
+
+def _apply_builtin(name: str, turns: Sequence[tuple[str, str]], add_assistant: bool) -> str:
+    """llama.cpp's built-in format ``name`` applied to (role, text) pairs (neither may hold a NUL)."""
+    keep = []
+    arr = ffi.new("llama_chat_message[]", len(turns))
+    total = 0
+    for i, (role, text) in enumerate(turns):
+        r = ffi.new("char[]", role.encode("utf-8", "replace"))
+        c = ffi.new("char[]", text.encode("utf-8", "replace"))
+        keep += (r, c)
+        arr[i].role, arr[i].content = r, c
+        total += len(r) + len(c)
+    tmpl_c = name.encode()
+    size = max(256, 2 * total + 256)
+    while True:
+        buf = ffi.new("char[]", size)
+        n = lib.llama_chat_apply_template(tmpl_c, arr, len(turns), add_assistant, buf, size)
+        if n < 0:
+            raise ChatTemplateError(f"llama.cpp's built-in chat templates do not recognise {name!r}")
+        if n <= size:
+            return ffi.unpack(buf, n).decode("utf-8", "replace")
+        size = n + 1
 
 
 def _render(tmpl, variables: dict, source: str, seconds: float, max_chars: int) -> str:
@@ -372,18 +411,19 @@ def _render(tmpl, variables: dict, source: str, seconds: float, max_chars: int) 
             budget.size(total)
             budget.tick()
             parts.append(chunk)
-    except _TemplateRaised as exc:
+    except _TemplateRaised as exc:  # the template refuses this conversation: the messages are at fault
         raise ChatTemplateError(f"chat template {source} raised an error: {exc}") from None
+    # Everything else is the template's own failure, whatever the messages were.
     except _Limit as exc:
-        raise ChatTemplateError(f"chat template {source} was stopped: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} was stopped: {exc}") from None
     except SecurityError as exc:
-        raise ChatTemplateError(f"chat template {source} did something the sandbox forbids: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} did something the sandbox forbids: {exc}") from None
     except TemplateError as exc:
-        raise ChatTemplateError(f"chat template {source} failed: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: {exc}") from None
     except RecursionError:
-        raise ChatTemplateError(f"chat template {source} failed: recursion too deep") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: recursion too deep") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
-        raise ChatTemplateError(f"chat template {source} failed: {type(exc).__name__}: {exc}") from None
+        raise BrokenChatTemplateError(f"chat template {source} failed: {type(exc).__name__}: {exc}") from None
     finally:
         _local.budget = outer
     return "".join(parts)

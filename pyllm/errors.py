@@ -43,6 +43,13 @@ class ChatTemplateError(PyllmError, ValueError):
     time or size limit), or the messages given to it are malformed; the message names the template's source."""
 
 
+class BrokenChatTemplateError(ChatTemplateError, RuntimeError):
+    """The template itself is at fault, not the messages: it does not compile (the message names the line),
+    or rendering failed inside it (a TypeError, an undefined name, something the sandbox forbids, its time
+    or size limit). A template's own ``raise_exception`` (it refuses the conversation) is a plain
+    :class:`ChatTemplateError`."""
+
+
 class ContextFullError(PyllmError, ValueError):
     """The prompt plus the requested tokens do not fit in the context (n_ctx)."""
 

@@ -42,10 +42,10 @@ class SamplingParams:
         num("repeat_penalty", 0.0, 100.0)
         if self.repeat_penalty == 0.0:
             raise ConfigError("repeat_penalty=0 is out of range; expected a number > 0 (1.0 = off)")
-        for name in ("top_k", "repeat_last_n"):
+        for name in ("top_k", "repeat_last_n"):   # int32_t in llama.cpp's sampler API
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < -1:
-                raise ConfigError(f"{name}={v!r} is out of range; expected an integer >= 0")
+            if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v <= 2**31 - 1:
+                raise ConfigError(f"{name}={v!r} is out of range; expected an integer in [-1, 2**31-1] (0 = off)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
             raise ConfigError(f"seed={self.seed!r} is out of range; expected an integer in [0, 2**32) or None")
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))

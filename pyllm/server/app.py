@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyllm.batched import MAX_TOP_LOGPROBS
 from pyllm.chat import ChatTemplate, reasoning_parser_for, resolve_template
-from pyllm.errors import (ChatTemplateError, ClosedError, ConfigError, ContextFullError, QueueFullError,
-                          TokenizeError)
+from pyllm.errors import (BrokenChatTemplateError, ChatTemplateError, ClosedError, ConfigError, ContextFullError,
+                          QueueFullError, TokenizeError)
 from pyllm.sampling import SamplingParams
 import pyllm.server.metrics as _metrics
 from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported, sampling_of
@@ -35,6 +35,8 @@ from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, Deto
                                   TokenizeRequest)
 
 log = logging.getLogger("pyllm.server")
+# One line per request: method, path, status, duration (never the body, the query or the headers).
+access_log = logging.getLogger("pyllm.server.access")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
@@ -113,6 +115,23 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        t0 = time.perf_counter()
+        status: dict = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send)
+        finally:
+            path = scope.get("path", "")
+            # 499: the client went away before any response (nginx's code).
+            access_log.info("%s %s %d %.3fs", scope.get("method", "?"), path if path.isprintable() else ascii(path),
+                            status.get("code", 499), time.perf_counter() - t0)
+
+    async def _guarded(self, scope, receive, send) -> None:
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
         headers = dict(scope.get("headers") or ())
@@ -323,6 +342,18 @@ def _kv_info(engine) -> Optional[dict]:
         return None
 
 
+def _startup_summary(engine, kv: Optional[dict], template: Optional[ChatTemplate], names: Sequence[str]) -> str:
+    """One line saying what the server loaded: the model, the context, the KV cache, the chat template."""
+    model, ctx = engine.model, engine.context
+    mib = 1024 * 1024
+    kv_text = (f"K {kv['type_k']} {kv['k'] / mib:.1f} MiB + V {kv['type_v']} {kv['v'] / mib:.1f} MiB"
+               if kv else f"K {ctx.type_k} + V {ctx.type_v}")
+    return (f"serving {Path(str(model.path)).name} ({model.desc}) as {', '.join(repr(n) for n in names)}: "
+            f"n_ctx={engine.n_ctx} ({engine.n_ctx_seq} per sequence), n_parallel={engine.n_parallel}, "
+            f"KV cache {kv_text}, flash_attn={'on' if ctx.flash_attn else 'off'}, chat template: "
+            + (template.source if template is not None else "none (only /v1/completions works)"))
+
+
 def _ctx_per_sequence(engine) -> int:
     """Tokens one request may occupy: the whole context if unified, else the sequence's share."""
     s = engine.stats()
@@ -376,15 +407,23 @@ def create_app(
     def ready(eng) -> None:
         state.kv = _kv_info(eng)
         model = eng.model
-        # Resolved once: the template comes from the server's configuration, never from a request.
+        # Resolved and compiled once: the template comes from the server's configuration, never from a
+        # request, so one that is named but unusable stops the start-up instead of failing every request.
+        spec = chat_template or eng.config.chat_template
         try:
-            state.template = resolve_template(chat_template or eng.config.chat_template, model)
+            template = resolve_template(spec, model)
         except ChatTemplateError as exc:
-            state.template_error = str(exc)
+            if spec:
+                raise
+            state.template_error = str(exc)   # a model without any template: /v1/completions still works
             log.warning("chat completions are unavailable: %s", exc)
+        else:
+            template.check()
+            state.template = template
         path = Path(str(getattr(eng.model, "path", "model")))
         ids = [model_name or path.name, path.name, path.stem, *aliases]
         names[:] = list(dict.fromkeys(n for n in ids if n))
+        log.info("%s", _startup_summary(eng, state.kv, state.template, names))
         state.engine = eng
 
     if engine is not None:
@@ -392,11 +431,16 @@ def create_app(
 
     def load() -> None:
         try:
-            ready(loader())
-            log.info("model loaded; serving")
+            eng = loader()
+            try:
+                ready(eng)
+            except BaseException:
+                if owns:
+                    eng.close()
+                raise
         except BaseException as exc:  # reported through /health and on_load_error, not lost in a thread
             state.load_error = exc
-            log.error("loading the model failed: %s", exc)
+            log.error("start-up failed: %s", exc)
             if on_load_error is not None:
                 on_load_error(exc)
 
@@ -442,7 +486,7 @@ def create_app(
     def engine_or_503():
         if state.engine is None:
             if state.load_error is not None:
-                raise APIError(503, f"the model failed to load: {state.load_error}")
+                raise APIError(503, f"the server failed to start: {state.load_error}")
             raise APIError(503, "Loading model", headers={"Retry-After": str(retry_after_s)})
         return state.engine
 
@@ -666,6 +710,9 @@ def create_app(
 
         try:
             prompt = await asyncio.to_thread(render_and_tokenize)
+        except BrokenChatTemplateError as exc:   # the server's template failed, whatever the messages were
+            log.error("chat template failed: %s", exc)
+            raise APIError(500, str(exc), code="chat_template_failed") from None
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
         tokens = prompt.tokens

@@ -127,6 +127,8 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
 
     config = config if config is not None else EngineConfig.from_env()
     settings = settings if settings is not None else ServeSettings.from_env()
+    if log.level == logging.NOTSET:   # what was loaded and one line per request: shown unless configured otherwise
+        log.setLevel(logging.INFO)
     if not settings.is_loopback and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(set PYLLM_API_KEY)", settings.host)
@@ -148,7 +150,7 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
 
     ucfg = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                           timeout_graceful_shutdown=settings.grace_s, log_level=settings.log_level,
-                          access_log=settings.log_level == "debug", server_header=False)
+                          access_log=False, server_header=False)   # pyllm.server.access logs each request
     server = holder["server"] = _uvicorn_server_class()(ucfg)
     server.run()
     if failed:
