@@ -8,7 +8,8 @@ pyllm/native ratios per KV type and test. A benchmark, not a test: it never fail
 
     python3 benchmarks/compare_native.py                      # default model, f16/q8_0/q4_0, pp512 + tg128
     python3 benchmarks/compare_native.py --rounds 5 -r 5 --kv f16,q8_0,q4_0 --out bench-out
-    python3 benchmarks/compare_native.py --perplexity          # also llama-perplexity vs pyllm kv-eval (f16)
+    python3 benchmarks/compare_native.py --perplexity          # also llama-perplexity vs pyllm kv-eval (f16, q8_0)
+    python3 benchmarks/compare_native.py --perplexity --no-speed   # only that (builds llama-perplexity alone)
 
 Each round runs both sides back to back (the order alternates between rounds), so each round
 gives one paired ratio pyllm/native; the table reports the median of the paired ratios (robust to
@@ -56,26 +57,50 @@ def test_name(row: dict) -> str:
 
 
 def compare_perplexity(llama_perplexity: Path, args: argparse.Namespace) -> None:
-    """f16 perplexity of the same text: llama.cpp's llama-perplexity vs pyllm kv-eval's baseline."""
+    """Perplexity of the same text, K = V type by type: llama.cpp's llama-perplexity vs pyllm kv-eval (its
+    f16 baseline and its pairs), with the CPU both ran on (f16's figure depends on the CPU's SIMD width)."""
     import re
 
     from pydoc_data.topics import topics
 
+    kv_types = [t.strip() for t in args.ppl_kv.split(",") if t.strip()] or ["f16"]
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "pydoc_topics.txt"
         text.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
         common = ["-m", args.model, "-f", str(text), "-c", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks),
                   "-fa", args.fa, "-t", str(args.threads), "-ngl", args.ngl]
-        proc = subprocess.run([str(llama_perplexity), *common, "-b", str(args.ppl_ctx)], capture_output=True, text=True)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
-        if not m:
-            raise SystemExit(f"llama-perplexity gave no estimate:\n{proc.stderr[-2000:]}")
-        native = float(m.group(1))
-        ours = run_json_obj([*PYLLM_CLI, "kv-eval", *common, "-ctk", "f16", "--json"])
-        ppl = ours["results"][0]["ppl"]
-    diff = 100 * (ppl / native - 1)
-    print(f"perplexity (f16, pydoc_data.topics, -c {args.ppl_ctx}, {args.ppl_chunks} chunks): "
-          f"llama-perplexity {native:.4f}, pyllm kv-eval {ppl:.4f}, difference {diff:+.4f}%")
+        native: dict[str, float] = {}
+        features = None
+        for kv in kv_types:
+            proc = subprocess.run([str(llama_perplexity), *common, "-b", str(args.ppl_ctx), "-ctk", kv, "-ctv", kv],
+                                  capture_output=True, text=True)
+            log = proc.stdout + proc.stderr
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+            if not m:
+                raise SystemExit(f"llama-perplexity gave no estimate:\n{proc.stderr[-2000:]}")
+            native[kv] = float(m.group(1))
+            features = re.search(r"CPU : ((?:\w+ = \d+ \| ?)+)", log)
+        quantized = [kv for kv in kv_types if kv != "f16"] or ["f16"]
+        ours = run_json_obj([*PYLLM_CLI, "kv-eval", *common, "-ctk", ",".join(quantized), "--json"])
+    ppl = {r["type_k"]: r["ppl"] for r in reversed(ours["results"]) if r["type_k"] == r["type_v"]}
+    print(f"machine: {cpu_name()}; llama-perplexity built for: {features.group(1).strip() if features else '?'}")
+    for kv in kv_types:
+        diff = 100 * (ppl[kv] / native[kv] - 1)
+        print(f"perplexity ({kv}/{kv}, pydoc_data.topics, -c {args.ppl_ctx}, {args.ppl_chunks} chunks, -fa {args.fa}): "
+              f"llama-perplexity {native[kv]:.4f}, pyllm kv-eval {ppl[kv]:.4f}, difference {diff:+.4f}%")
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel names it (Linux), else what platform knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_json_obj(cmd: list[str]) -> dict:
@@ -101,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--native-bin", type=Path, help="use this llama-bench instead of building one")
     ap.add_argument("--out", type=Path, help="write native.json, pyllm.json and ratios.md here")
     ap.add_argument("--perplexity", action="store_true",
-                    help="also compare f16 perplexity: llama-perplexity vs pyllm kv-eval (same text, -c, chunks)")
+                    help="also compare perplexity (--ppl-kv types): llama-perplexity vs pyllm kv-eval (same text, -c, chunks)")
     ap.add_argument("--ppl-ctx", type=int, default=512)
     ap.add_argument("--ppl-chunks", type=int, default=10)
+    ap.add_argument("--ppl-kv", default="f16,q8_0", help="K = V types for --perplexity, comma-separated")
     ap.add_argument("--no-speed", action="store_true", help="skip the llama-bench comparison")
     args = ap.parse_args(argv)
 
@@ -112,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(default_model.path())
     args.model = str(Path(args.model).resolve())
-    tools = {"llama-bench": args.native_bin} if args.native_bin else build_native(args.build_dir)
-    llama_bench = tools["llama-bench"]
+    # Build only what this run uses (--perplexity --no-speed: llama-perplexity alone).
+    targets = tuple(name for name, used in (("llama-bench", not args.no_speed and not args.native_bin),
+                                            ("llama-perplexity", args.perplexity)) if used)
+    tools = build_native(args.build_dir, targets) if targets else {}
     if args.perplexity:
-        compare_perplexity(tools.get("llama-perplexity") or build_native(args.build_dir)["llama-perplexity"], args)
+        compare_perplexity(tools["llama-perplexity"], args)
     if args.no_speed:
         return 0
+    llama_bench = args.native_bin or tools["llama-bench"]
     common = ["-m", args.model, "-p", args.p, "-n", args.n, "-d", args.d, "-fa", args.fa, "-t", str(args.threads),
               "-ngl", args.ngl, "-r", args.repetitions, "-o", "json"]
     native: dict[tuple[str, str], list[float]] = {}
