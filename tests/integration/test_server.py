@@ -19,42 +19,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.sampling import SamplingParams
 from pyllm.server import create_app
+from .serving import Running as _Running, free_port as _free_port
 
 N_CTX, N_PARALLEL, MAX_QUEUE = 2048, 4, 4
 API_KEY = "s3cret-key"
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Running:
-    """An app served by uvicorn on a random port, in a thread."""
-
-    def __init__(self, app) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

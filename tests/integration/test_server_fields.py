@@ -6,44 +6,23 @@ from __future__ import annotations
 import json
 import math
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.sampling import SamplingParams
 from pyllm.server import create_app
+from .serving import Running as _Running
 
 N_CTX, N_PARALLEL = 2048, 4
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three primary colors."}]
 
-
-class _Running:
-    """An app served by uvicorn on a random port, in a thread."""
-
-    def __init__(self, app) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

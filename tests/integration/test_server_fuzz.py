@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -33,6 +32,7 @@ from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.server import create_app
 from pyllm.server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving import free_port as _free_port
 
 N_CTX, N_PARALLEL = 512, 2
 EXAMPLES = int(os.environ.get("PYLLM_FUZZ_EXAMPLES", "30"))
@@ -127,11 +127,6 @@ RAW = st.one_of(st.binary(max_size=40), JSON.map(lambda v: json.dumps(v).encode(
 # ---------------------------------------------------------------------------------------------
 # The server
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
