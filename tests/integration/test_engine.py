@@ -88,15 +88,16 @@ def test_no_kv_log_lines_when_types_are_not_set(default_model_path, caplog):
     assert not [r for r in caplog.records if "type set to" in r.getMessage()]
 
 
-def test_a_plain_load_from_python_is_quiet_and_real_warnings_still_show(default_model_path):
+def test_a_plain_load_from_python_is_quiet_and_real_warnings_still_show(default_model_path, tmp_path):
     # Gemma 3's '</s>' made llama.cpp warn "control-looking token ... probably a bug in the model" on every
     # load; llama.cpp corrects the token itself, so that line is INFO now. A context past the training
     # length is a real warning: llama.cpp's own line and pyllm's reach stderr, with no logging configured.
     code = ("import sys; from pyllm import Model; from pyllm.context import Context\n"
             "m = Model(sys.argv[1]); print('loaded', file=sys.stderr, flush=True)\n"
             "Context(m, n_ctx=40960, n_batch=512).close(); m.close()")
+    # cwd outside the checkout: its root would shadow the installed package (no compiled module there).
     out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     load, context = out.stderr.split("loaded\n")
     assert load == "", load

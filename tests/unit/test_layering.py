@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "pyllm"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "pyllm"
 
 
 def _module_name(path: Path) -> str:

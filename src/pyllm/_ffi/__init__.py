@@ -12,8 +12,7 @@ def _missing_extension(exc: ImportError) -> str:
     """Why the compiled module is missing, and what to do: a source checkout that shadows the installed
     package (Python puts the current directory first) is the common case, and installing again would not help."""
     package = Path(__file__).resolve().parents[1]
-    checkout = package.parent
-    if (checkout / "vendor" / "fetch.py").is_file():
+    if any((d / "vendor" / "fetch.py").is_file() for d in (package.parent, package.parent.parent)):
         try:
             from importlib.metadata import PackageNotFoundError, version
 

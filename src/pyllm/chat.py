@@ -46,7 +46,7 @@ MAX_OUTPUT_CHARS = 8 * 1024 * 1024
 GLM4_NAME = "glm4"
 GLM4_FALLBACK = "GLM-4.7-Flash"
 _PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
-_SOURCE_TEMPLATES = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "models" / "templates"
+_SOURCE_TEMPLATES = Path(__file__).resolve().parents[2] / "vendor" / "llama.cpp" / "models" / "templates"
 
 
 # ---------------------------------------------------------------------------------------------------
