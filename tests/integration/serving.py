@@ -31,3 +31,14 @@ class Running:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def wait_idle(engine, timeout: float = 30.0) -> dict:
+    """Poll ``engine.stats()`` until nothing runs or waits (AssertionError after ``timeout`` s); the stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s["active"] == 0 and s["queued"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"engine still busy: {s}"
+        time.sleep(0.02)

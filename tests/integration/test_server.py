@@ -25,7 +25,7 @@ from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.sampling import SamplingParams
 from pyllm.server import create_app
-from .serving import Running as _Running, free_port as _free_port
+from .serving import Running as _Running, free_port as _free_port, wait_idle as _wait_idle
 
 N_CTX, N_PARALLEL, MAX_QUEUE = 2048, 4, 4
 API_KEY = "s3cret-key"
@@ -58,15 +58,6 @@ def http(server):
 def oai(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
-
-def _wait_idle(engine, timeout=30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = engine.stats()
-        if s["active"] == 0 and s["queued"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"engine still busy: {s}"
-        time.sleep(0.02)
 
 
 def _chat_tokens(engine, messages) -> list[int]:

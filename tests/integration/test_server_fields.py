@@ -16,7 +16,7 @@ from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.sampling import SamplingParams
 from pyllm.server import create_app
-from .serving import Running as _Running
+from .serving import Running as _Running, wait_idle as _wait_idle
 
 N_CTX, N_PARALLEL = 2048, 4
 GREEDY = SamplingParams(temperature=0.0)
@@ -44,12 +44,6 @@ def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as client:
         yield client
 
-
-def _wait_idle(engine, timeout=30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.stats()["active"] or engine.stats()["queued"]:
-        assert time.monotonic() < deadline, f"engine still busy: {engine.stats()}"
-        time.sleep(0.02)
 
 
 def _metric(http, name: str) -> float:

@@ -20,7 +20,7 @@ from pyllm.batched import BatchedEngine
 from pyllm.config import EngineConfig
 from pyllm.errors import ChatTemplateError
 from pyllm.server import create_app
-from .serving import Running as _Running, free_port as _free_port
+from .serving import Running as _Running, free_port as _free_port, wait_idle as _wait_idle
 
 N_CTX, N_PARALLEL = 1024, 2
 
@@ -67,15 +67,6 @@ def _error(r: httpx.Response) -> dict:
     assert set(err) == {"message", "type", "param", "code"}, err
     return err
 
-
-def _wait_idle(engine, timeout=30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = engine.stats()
-        if s["active"] == 0 and s["queued"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"engine still busy: {s}"
-        time.sleep(0.02)
 
 
 def _chat(url: str, messages: list, **extra) -> httpx.Response:
