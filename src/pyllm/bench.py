@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from pyllm.batched import BatchedEngine
+from pyllm.trace import summarize
 from pyllm.config import (DEFAULT_N_BATCH, DEFAULT_N_UBATCH, INT32_MAX, MIN_N_CTX, EngineConfig, check_batch_sizes,
                           check_flash_attn, check_int, check_kv_type, check_n_ctx, check_parallel, check_threads)
 from pyllm.context import Context, default_threads, validate_kv_types
@@ -292,6 +293,11 @@ class BatchedBenchRow:
     t_pp: float = 0.0                 # seconds: every prompt decoded (first tokens sampled)
     t_tg: float = 0.0                 # seconds: tg lock-step decodes of pl tokens, each sampled
     skipped: Optional[str] = None
+    # The step trace of the tg phase (pyllm.trace), medians over its steps, milliseconds: a step's wall
+    # time, the part inside llama_decode, the rest (batch building, sampling, detokenizing).
+    tg_step_ms: float = 0.0
+    tg_decode_ms: float = 0.0
+    tg_python_ms: float = 0.0
 
     @property
     def n_pp_decoded(self) -> int:
@@ -416,6 +422,12 @@ def run_batched_bench(params: BatchedBenchParams, progress: Optional[Callable[[s
                         row.skipped = str(exc)
                         continue
                     row.t_pp, row.t_tg = run.prompt_ns / 1e9, run.gen_ns / 1e9
+                    steps = [r for r in engine.step_trace(tg) if r.n_prompt == 0]
+                    if steps:
+                        trace = summarize(steps)
+                        row.tg_step_ms = trace["wall_ms_median"]
+                        row.tg_decode_ms = trace["decode_ms_median"]
+                        row.tg_python_ms = trace["python_ms_median"]
     return out
 
 
@@ -459,3 +471,15 @@ def format_batched_csv(rows: Iterable[BatchedBenchRow]) -> str:
 
 
 BATCHED_FORMATS = {"md": format_batched_markdown, "csv": format_batched_csv, "json": format_json}
+
+
+def format_batched_trace(rows: Iterable[BatchedBenchRow]) -> str:
+    """Where a tg step's time goes, per row (``bench --batched -v``): medians of the step trace."""
+    lines = ["|    PP |     TG |    B | step ms | llama_decode ms | Python ms | Python share |",
+             "|-------|--------|------|---------|-----------------|-----------|--------------|"]
+    for r in rows:
+        if r.skipped or not r.tg_step_ms:
+            continue
+        lines.append(f"| {r.pp:5d} | {r.tg:6d} | {r.pl:4d} | {r.tg_step_ms:7.3f} | {r.tg_decode_ms:15.3f} | "
+                     f"{r.tg_python_ms:9.3f} | {r.tg_python_ms / r.tg_step_ms:11.1%} |")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from pyllm.errors import PyllmError
 # Settings every engine-backed subcommand takes (a subset for list commands; see _add_model_args).
 ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "n_threads",
                  "seed", "use_mlock", "use_mmap", "flash_attn", "kv_cache_type", "kv_cache_type_k", "kv_cache_type_v",
-                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
+                 "split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack", "backend_sampling")
 # Where the model's layers go and how: several GPUs of this box, llama.cpp RPC servers' devices, CPU repacking.
 SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
@@ -399,6 +399,8 @@ def _cmd_bench_batched(args: argparse.Namespace, env) -> int:
     rows = _with_progress(bench.run_batched_bench, params, n_rows, "row",
                           enabled=args.output != "json" and not args.no_progress)
     print(bench.BATCHED_FORMATS[args.output](rows))
+    if args.verbose:
+        print("\nstep trace of the tg phase (medians per step):\n" + bench.format_batched_trace(rows), file=sys.stderr)
     return 0
 
 

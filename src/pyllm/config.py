@@ -322,6 +322,11 @@ SETTINGS: tuple[Setting, ...] = (
             "repack weights for the CPU's faster kernels (llama.cpp's extra buffer types; default on); "
             "-nr/--no-repack keeps them as stored, e.g. for a CPU run that must match an RPC split bit for bit",
             off_flags=("-nr", "--no-repack")),
+    Setting("backend_sampling", "LLAMA_ARG_BACKEND_SAMPLING", ("-bs", "--backend-sampling"), "bool",
+            "sample inside the decode graph on the model's output device where the request's sampler chain "
+            "allows it (llama.cpp's experimental backend sampling; greedy, top-k, top-p, min-p, temperature, "
+            "penalties, logit bias, dist), else on the CPU per request (default off)",
+            off_flags=("--no-backend-sampling",)),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
@@ -359,6 +364,7 @@ class EngineConfig:
     rpc_servers: Optional[tuple[str, ...]] = None      # --rpc: host:port of llama.cpp RPC servers
     rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
     repack: bool = True                       # --repack / -nr, --no-repack: CPU weight repacking (use_extra_bufts)
+    backend_sampling: bool = False            # -bs: sampler chains run in the decode graph where they can
     # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
     # errors found later, e.g. a model file that does not exist.
     sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -378,7 +384,7 @@ class EngineConfig:
         check_batch_sizes(self.n_ctx, self.n_batch, self.n_ubatch)
         if self.n_gpu_layers is not None:
             check_int("n_gpu_layers", self.n_gpu_layers, minimum=-1, what=" (-1 = all layers)")
-        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified", "repack"):
+        for name in ("use_mmap", "use_mlock", "offload_kqv", "kv_unified", "repack", "backend_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a bool; expected True or False")
         check_threads("n_threads", self.n_threads)

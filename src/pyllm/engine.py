@@ -1,117 +1,36 @@
-"""The engine: a model and one context configured from EngineConfig, and the decode loop."""
+"""The single-sequence engine: the engine core (``pyllm.core``) with one slot, run on the caller's thread.
+
+``Engine`` is the simplest use of the one decode loop that ``BatchedEngine`` runs on its thread: the
+same scheduler, KV/prefix cache, sampling and output step, with ``n_parallel = 1``; each ``stream()``
+steps the core from the caller's thread, so Ctrl-C there ends the reply within one step
+(``interrupted``) and leaves the engine usable.
+"""
 from __future__ import annotations
 
-import dataclasses
-import enum
-import time
-from dataclasses import dataclass
-from pathlib import Path
+import threading
 from typing import Generator, Iterator, Optional, Sequence, Union
 
 from pyllm import chat as chat_mod
-from pyllm import default_model
 from pyllm.chat import ChatResult
 from pyllm.config import CHAT_MAX_TOKENS, EngineConfig
-from pyllm.context import Context, KVCacheBytes
-from pyllm.devices import resolve_gpu_layers
-from pyllm.errors import ConfigError, ContextFullError, DecodeAbortedError
-from pyllm.model import Model, check_model_file
-from pyllm.placement import Placement
-from pyllm.sampling import Sampler, SamplingParams, bias_arrays
-from pyllm.textstream import TextStream
+from pyllm.context import KVCacheBytes
+from pyllm.core import EngineCore
+from pyllm.errors import ClosedError, ConfigError
+from pyllm.loading import gpu_layers_for, gpu_layers_of, load_model, model_path_of, placement_of
+from pyllm.model import Model
+from pyllm.sampling import SamplingParams
+from pyllm.sequence import GREEDY, GenerationResult, Request, StopReason, check_fits
 
-GREEDY = SamplingParams(temperature=0.0)
-
-
-class StopReason(str, enum.Enum):
-    """Why a generation ended; equal to its lower-case string (``StopReason.EOG == "eog"``)."""
-
-    EOG = "eog"                      # an end-of-generation token
-    MAX_TOKENS = "max_tokens"
-    STOP = "stop"                    # a stop string
-    CONTEXT_FULL = "context_full"
-    INTERRUPTED = "interrupted"      # Ctrl-C
-    CANCELLED = "cancelled"          # the consumer closed the stream, or cancelled the request
-    ABORTED = "aborted"              # Context.abort() from another thread; Ctrl-C in the batched engine
-    ERROR = "error"                  # the batched engine ended this request on an error (GenerationResult.error)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    n_prompt: int
-    stop_reason: StopReason
-    prompt_ns: int = 0
-    gen_ns: int = 0                  # from the end of the prompt to the last token
-    n_prompt_decoded: int = 0        # prompt tokens actually decoded
-    n_prompt_cached: int = 0         # prompt tokens whose K/V were reused from the cache instead of decoded
-    error: Optional[BaseException] = None  # what ended a generation with stop_reason ERROR
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def prompt_seconds(self) -> float:
-        return self.prompt_ns / 1e9
-
-    @property
-    def gen_seconds(self) -> float:
-        return self.gen_ns / 1e9
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.n_prompt_decoded / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        # The first generated token comes from the prompt's logits; the rest each cost one decode.
-        n = max(self.n_generated - 1, 0)
-        return n / self.gen_seconds if self.gen_seconds > 0 and n else 0.0
-
-
-def load_model(config: EngineConfig) -> Model:
-    """The model a config names (the default model without MODEL_PATH), loaded as it says."""
-    return Model(model_path_of(config), n_gpu_layers=gpu_layers_of(config), use_mmap=config.use_mmap,
-                 use_mlock=config.use_mlock, placement=placement_of(config))
-
-
-def model_path_of(config: EngineConfig) -> str:
-    """The model file a config names, checked (ModelLoadError naming MODEL_PATH or -m and the .env file it
-    came from), or the default model's."""
-    if config.model_path is None:
-        return str(default_model.path())
-    check_model_file(Path(config.model_path), config.source("model_path"))
-    return config.model_path
-
-
-def gpu_layers_of(config: EngineConfig) -> int:
-    """-ngl as given; without it, every layer where a GPU is visible or RPC servers are given, else 0."""
-    return gpu_layers_for(config.n_gpu_layers, placement_of(config))
-
-
-def gpu_layers_for(n_gpu_layers: Optional[int], placement: Optional[Placement]) -> int:
-    remote = placement is not None and bool(placement.rpc_servers)
-    if n_gpu_layers is None and remote:
-        return 99
-    return resolve_gpu_layers(n_gpu_layers, remote_devices=remote)
-
-
-def placement_of(config: EngineConfig) -> Placement:
-    """Where the config puts the model's layers: split mode, shares, main GPU, RPC servers."""
-    return Placement(split_mode=config.split_mode, tensor_split=config.tensor_split, main_gpu=config.main_gpu,
-                     rpc_servers=config.rpc_servers, rpc_timeout=config.rpc_timeout, repack=config.repack)
+__all__ = ["GREEDY", "Engine", "GenerationResult", "StopReason", "Stream", "check_fits", "gpu_layers_for",
+           "gpu_layers_of", "load_model", "model_path_of", "placement_of"]
 
 
 class Engine:
-    """Loads the configured model and creates its context; generates text.
+    """Loads the configured model and creates its context; generates text, one sequence at a time.
 
     ``Engine()`` reads the environment (``EngineConfig.from_env()``); without MODEL_PATH it
-    uses the default model. Close it (or use ``with``) to free native memory.
+    uses the default model. Close it (or use ``with``) to free native memory. The prompt of the
+    previous generation stays cached: a prompt that starts with it decodes only the rest.
     """
 
     def __init__(self, config: Optional[EngineConfig] = None, *, model: Optional[Model] = None) -> None:
@@ -120,41 +39,41 @@ class Engine:
         self._owns_model = model is None
         self.model = model = model if model is not None else load_model(config)
         try:
-            self.context = Context(
-                self.model,
-                n_ctx=config.n_ctx,
-                n_batch=config.n_batch,
-                n_ubatch=config.n_ubatch,
-                n_threads=config.n_threads,
-                n_threads_batch=config.n_threads_batch,
-                flash_attn=config.flash_attn,
-                type_k=config.kv_cache_type_k,
-                type_v=config.kv_cache_type_v,
-                offload_kqv=config.offload_kqv,
-            )
+            self._core = EngineCore(model, config, n_parallel=1, kv_unified=True, lock=threading.Condition(),
+                                    sigint_reason="interrupted")
         except BaseException:
             if self._owns_model:
                 self.model.close()
             raise
-        self._cached: list[int] = []   # tokens whose K/V are in the cache, in order
+        self.context = self._core.context
         self.last_result: Optional[GenerationResult] = None
+        self._closed = False
 
     # ---- lifetime ----
     def close(self) -> None:
-        self.context.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._core.cancel_all()
+        self._core.close()
         if self._owns_model:
             self.model.close()
 
     def reset(self) -> None:
         """Empty the KV cache: the next generation starts from nothing."""
-        self.context.clear()
-        self._cached = []
+        self._check_open()
+        self._core.kv.evict_idle()
+        self._core.refresh_snapshot()
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Engine is closed")
 
     # ---- reporting ----
     def kv_cache_bytes(self) -> KVCacheBytes:
@@ -163,6 +82,19 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self.context.n_ctx
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose K/V the cache holds, in order (the previous prompt and reply, as decoded)."""
+        return list(self._core.kv.slots[0].cached)
+
+    def stats(self) -> dict:
+        """Counters, KV occupancy and the step trace's sums, as ``BatchedEngine.stats()``."""
+        return self._core.stats_snapshot()
+
+    def step_trace(self, n: int = 0):
+        """The last ``n`` steps of the decode loop (``pyllm.trace.StepRecord``), oldest first."""
+        return self._core.trace.recent(n)
 
     # ---- prompts ----
     def format_chat(self, prompt: str) -> str:
@@ -194,21 +126,19 @@ class Engine:
         return self.model.tokenize_prompt(prompt)
 
     def ingest(self, tokens: list[int]) -> int:
-        """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded."""
-        ctx = self.context
-        keep = 0
-        for a, b in zip(self._cached, tokens[:-1]):  # the last prompt token is always decoded (for logits)
-            if a != b:
-                break
-            keep += 1
-        if keep < ctx.n_past:
-            ctx.truncate(keep)  # may clear everything (sliding-window caches cannot drop a suffix)
-        keep = ctx.n_past
-        self._cached = tokens[:keep]
-        todo = tokens[keep:]
-        ctx.decode(todo, logits="last")
-        self._cached = list(tokens)
-        return len(todo)
+        """Put the prompt in the cache, reusing the longest cached prefix; returns tokens decoded (the
+        last prompt token always is: its logits give the first token)."""
+        self._check_open()
+        req = self._core.make_request(tokens, max_tokens=0, sampling=GREEDY, stop=(), ignore_eos=False,
+                                      parse_special=False, logprobs=None, cache_prompt=True)
+        for _ in self._drive(req):
+            pass
+        result = req.result
+        if result.stop_reason != StopReason.MAX_TOKENS:
+            if result.error is not None:
+                raise result.error
+            raise ConfigError(f"the prompt was not decoded: {result.stop_reason}")
+        return result.n_prompt_decoded
 
     # ---- generation ----
     def stream(
@@ -229,96 +159,61 @@ class Engine:
         sampled (a -inf logit bias on each, as llama.cpp's --ignore-eos; benchmarks use it to run exactly
         max_tokens steps).
         Sampling without its own seed uses the engine's (``EngineConfig.seed``, ``LLAMA_SEED``).
+        Raises ConfigError (bad arguments), ContextFullError (prompt + max_tokens beyond n_ctx), ClosedError.
         """
+        self._check_open()
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
             raise ConfigError(f"max_tokens={max_tokens!r} is out of range; expected an integer >= 0 or None")
-        stops = [s for s in stop if s]
-        if any(not isinstance(s, str) for s in stops):
-            raise ConfigError(f"stop={list(stop)!r}: stop strings must be str")
-        if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
-            sampling = dataclasses.replace(sampling, seed=self.config.seed)
-        if ignore_eos:
-            sampling = sampling.with_banned(self.model.eog_tokens)
-        sampling.check_vocab(self.model.n_vocab)
+        if isinstance(stop, str):
+            stop = (stop,)
         prompt_tokens = self.tokenize_prompt(prompt, chat=chat)
-        check_fits(len(prompt_tokens), max_tokens, self.context.n_ctx)
-        result = GenerationResult(text="", tokens=[], n_prompt=len(prompt_tokens), stop_reason=StopReason.MAX_TOKENS)
-        return Stream(self._run(result, prompt_tokens, max_tokens, sampling, stops, ignore_eos), result)
+        req = self._core.make_request(prompt_tokens, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                      ignore_eos=ignore_eos, parse_special=False, logprobs=None, cache_prompt=True)
+        return Stream(self._drive(req), req)
 
-    def _run(
-        self, result: GenerationResult, prompt_tokens: list[int], max_tokens: Optional[int], sampling: SamplingParams,
-        stops: list[str], ignore_eos: bool = False,
-    ) -> Generator[str, None, GenerationResult]:
-        self.last_result = result
-        t0 = time.perf_counter_ns()
+    def _drive(self, req: Request) -> Generator[str, None, GenerationResult]:
+        """Step the core on this thread until ``req`` is done, yielding its text pieces."""
+        core = self._core
+        self.last_result = None
+        core.enqueue(req, None)
+        i = 0
         try:
-            result.n_prompt_decoded = self.ingest(prompt_tokens)
-            result.n_prompt_cached = result.n_prompt - result.n_prompt_decoded
-        except (DecodeAbortedError, KeyboardInterrupt) as exc:
-            result.stop_reason = StopReason.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else StopReason.ABORTED
-            result.prompt_ns = time.perf_counter_ns() - t0
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return result
-        result.prompt_ns = time.perf_counter_ns() - t0
-        sampler = None if sampling.is_plain_greedy else Sampler(sampling, self.model.n_vocab)
-        bias = bias_arrays(sampling) if sampler is None else None
-        try:
-            yield from self._generate(result, max_tokens, sampler, TextStream(stops), ignore_eos, bias)
-        finally:
-            if sampler is not None:
-                sampler.close()
-        return result
-
-    def _generate(self, result: GenerationResult, max_tokens: Optional[int], sampler: Optional[Sampler],
-                  text: TextStream, ignore_eos: bool, bias=None) -> Generator[str, None, None]:
-        """The decode loop: sample, stop checks, detokenize, decode the token; fills ``result``."""
-        ctx, model = self.context, self.model
-        pieces: list[str] = []
-        out_tokens, cached = result.tokens, self._cached
-        limit = max_tokens if max_tokens is not None else ctx.n_ctx
-        is_eog, piece_of = model.is_eog, model.token_to_piece
-        argmax, decode_one = (lambda: ctx.argmax(-1, bias)), ctx.decode_one
-        t1 = time.perf_counter_ns()
-        try:
-            while len(out_tokens) < limit:
-                token = argmax() if sampler is None else sampler.sample(ctx)
-                if is_eog(token) and not ignore_eos:
-                    result.stop_reason = StopReason.EOG
+            while True:
+                pieces = req._pieces   # appended by this very thread (core.step), read between steps
+                while i < len(pieces):
+                    i += 1
+                    yield pieces[i - 1]
+                if req.done:
                     break
-                out_tokens.append(token)
-                piece = text.feed(piece_of(token))
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-                if text.stopped:
-                    result.stop_reason = StopReason.STOP
-                    break
-                if len(out_tokens) >= limit:
-                    result.stop_reason = StopReason.MAX_TOKENS if max_tokens is not None else StopReason.CONTEXT_FULL
-                    break
-                if ctx.n_past >= ctx.n_ctx:
-                    result.stop_reason = StopReason.CONTEXT_FULL
-                    break
-                cached.append(token)  # before the decode: an interrupt inside it may or may not have stored it,
-                decode_one(token)     # and the finally below trims the record to what llama.cpp holds
-        except DecodeAbortedError:
-            result.stop_reason = StopReason.ABORTED
-        except (KeyboardInterrupt, GeneratorExit) as exc:
-            # Interrupted (Ctrl-C) or closed by the consumer: keep what was produced in
-            # engine.last_result, leave the context usable, then let the exception go on.
-            result.stop_reason = StopReason.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else StopReason.CANCELLED
-            result.text = "".join(pieces) + text.finish()
-            result.gen_ns = time.perf_counter_ns() - t1
+                core.step()
+        except KeyboardInterrupt:
+            # Ctrl-C: the decode it hit was aborted (or it landed between two): the reply ends as
+            # 'interrupted', its cells are freed, the engine stays usable; the exception goes on.
+            core.interrupt("interrupted")
+            self._end(req, "interrupted")
+            raise
+        except GeneratorExit:
+            # The consumer closed the stream: what was decoded stays cached for the next prompt.
+            self._end(req, "cancelled")
+            raise
+        except BaseException:
+            self._end(req, "error")
             raise
         finally:
-            del cached[ctx.n_past:]
-        rest = text.finish()
-        if rest:
-            pieces.append(rest)
-            yield rest
-        result.gen_ns = time.perf_counter_ns() - t1
-        result.text = "".join(pieces)
+            self.last_result = req.result
+        return req.result
+
+    def _end(self, req: Request, reason: str) -> None:
+        core = self._core
+        if req.done:
+            return
+        if req in core.active:
+            core.finish(req, reason, free=reason != "cancelled")
+        else:
+            with core.lock:
+                if req in core.queue:
+                    core.queue.remove(req)
+            core.finish_unadmitted(req, reason)
 
     # ---- chat ----
     def render_chat(self, messages: Sequence[dict], *, template: Optional[str] = None,
@@ -416,23 +311,13 @@ class Engine:
         return stream.result
 
 
-def check_fits(n_prompt: int, max_tokens: Optional[int], n_ctx: int) -> None:
-    """A prompt plus the tokens asked for must fit the context; nothing is ever silently truncated."""
-    if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-        want = n_prompt + (max_tokens or 0)
-        raise ContextFullError(
-            f"prompt of {n_prompt} tokens + max_tokens={max_tokens} = {want} does not fit in "
-            f"n_ctx={n_ctx}; shorten the prompt, lower max_tokens, or raise n_ctx (MAX_CONTEXT_LENGTH / -c)"
-        )
-
-
 class Stream(Iterator[str]):
     """A generation in progress: iterate it for text pieces; ``.result`` is the GenerationResult once the
     iteration has ended (``None`` before). ``close()`` stops it early (stop reason ``cancelled``)."""
 
-    def __init__(self, gen: Generator[str, None, GenerationResult], result: GenerationResult) -> None:
+    def __init__(self, gen: Generator[str, None, GenerationResult], request: Request) -> None:
         self._gen = gen
-        self._result = result
+        self._request = request
         self.result: Optional[GenerationResult] = None
 
     def __iter__(self) -> "Stream":
@@ -446,7 +331,6 @@ class Stream(Iterator[str]):
             raise StopIteration(done.value) from None
 
     def close(self) -> None:
-        started = self._gen.gi_frame is not None and self._gen.gi_frame.f_lasti >= 0
         self._gen.close()
-        if started and self.result is None:
-            self.result = self._result
+        if self.result is None:
+            self.result = self._request.result

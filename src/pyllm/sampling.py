@@ -56,6 +56,12 @@ class SamplingParams:
         bias added there, see ``argmax_biased``) gives the same token as the sampler chain."""
         return self.temperature == 0.0 and self.repeat_penalty == 1.0
 
+    @property
+    def backend_capable(self) -> bool:
+        """Whether llama.cpp can run this chain inside the decode graph (backend sampling): every sampler
+        it builds has a backend implementation (all but typical-p)."""
+        return self.typical_p >= 1.0
+
     def with_banned(self, tokens: Iterable[int]) -> "SamplingParams":
         """These params with a -inf bias on ``tokens`` too (``ignore_eos``: the end-of-generation tokens,
         as llama.cpp's --ignore-eos does)."""

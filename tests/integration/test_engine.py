@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from pyllm._ffi import lib
+
 from pyllm.config import EngineConfig
 from pyllm.context import Context
 from pyllm.engine import Engine
@@ -120,7 +122,8 @@ def test_prompt_too_long_raises_before_decoding(default_model_path):
             engine.generate("word " * 2000, max_tokens=8)
         with pytest.raises(ContextFullError):
             engine.generate(PROMPT, max_tokens=N_CTX)
-        assert engine.context.n_past == 0  # nothing was decoded
+        assert engine.cached_tokens == []  # nothing was decoded
+        assert int(lib.llama_memory_seq_pos_max(engine.context._memory, 0)) == -1
 
 
 def test_use_after_close_raises(default_model_path):

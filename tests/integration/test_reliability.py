@@ -133,7 +133,7 @@ def test_context_full_stops_cleanly(model, default_model_path):
         r = e.generate("Count: one two three", max_tokens=None, ignore_eos=True)
         assert r.stop_reason == "context_full"
         assert r.n_prompt + r.n_generated == n_ctx + 1  # the last token is sampled, never decoded
-        assert e.context.n_past == n_ctx
+        assert len(e.cached_tokens) == n_ctx == _cells(e)
         again = e.generate("Count: one two", max_tokens=4)  # usable afterwards
         assert again.n_generated == 4
 
@@ -160,11 +160,9 @@ def test_ctrl_c_during_generation_stops_and_keeps_the_text(engine, sigint_raises
     assert result.stop_reason == "interrupted"
     assert 0 < result.n_generated < 400 and result.text
     assert result.text == engine.model.detokenize(result.tokens).lstrip() or result.text in engine.model.detokenize(result.tokens)
-    # The signal lands between tokens or inside the last token's decode: either way the engine's record
-    # of the cache agrees with llama.cpp's.
-    n_past = engine.context.n_past
-    assert n_past in (result.n_prompt + result.n_generated - 1, result.n_prompt + result.n_generated)
-    assert n_past == int(lib.llama_memory_seq_pos_max(engine.context._memory, 0)) + 1 == len(engine._cached)
+    # The signal lands between tokens or inside a decode: the interrupted reply's cells are freed, and the
+    # engine's record of the cache agrees with llama.cpp's.
+    assert engine.cached_tokens == [] and _cells(engine) == 0
     follow = engine.generate("The capital of France is", max_tokens=8)
     engine.reset()
     fresh = engine.generate("The capital of France is", max_tokens=8)
@@ -184,7 +182,7 @@ def test_ctrl_c_during_prompt_ingestion_aborts_within_a_step(model, default_mode
         timer.cancel()
         assert elapsed < 2.5, f"took {elapsed:.2f}s to stop"
         assert e.last_result.stop_reason == "interrupted"
-        assert 0 <= e.context.n_past < 3000  # processed ubatches stay, the rest did not run
+        assert _cells(e) == 0 and e.cached_tokens == []  # what the aborted decode left is freed
         r = e.generate("Hello", max_tokens=3)  # usable afterwards
         assert r.n_generated == 3
 
@@ -196,7 +194,8 @@ def test_closing_a_stream_early_keeps_the_text(engine):
     gen.close()
     result = engine.last_result
     assert result.stop_reason == "cancelled" and result.text.startswith("".join(pieces))
-    assert engine.context.n_past == result.n_prompt + result.n_generated - 1
+    # what was decoded stays cached for the next prompt (the last token was sampled, never decoded)
+    assert len(engine.cached_tokens) == result.n_prompt + result.n_generated - 1 == _cells(engine)
 
 
 def test_exception_in_a_python_callback_is_reraised_after_c_returns(default_model_path):
@@ -289,8 +288,8 @@ def test_1000_short_generations_keep_the_cache_clean(engine):
         r = engine.generate("Hi there", max_tokens=2)
         assert r.tokens == first.tokens, i
         # the cache holds exactly the prompt and the decoded generated tokens, nothing stale
-        assert engine.context.n_past == r.n_prompt + r.n_generated - 1
-    assert engine.context.n_past < 16
+        assert len(engine.cached_tokens) == r.n_prompt + r.n_generated - 1 == _cells(engine)
+    assert len(engine.cached_tokens) < 16
 
 
 def test_vocab_only_model_is_refused_where_llama_cpp_would_abort(vocab_spm):
@@ -299,3 +298,8 @@ def test_vocab_only_model_is_refused_where_llama_cpp_would_abort(vocab_spm):
             m.head_sizes()
         with pytest.raises(ContextError, match="vocab_only"):
             Context(m)
+
+
+def _cells(engine) -> int:
+    """Cells of sequence 0 as llama.cpp's memory reports them."""
+    return int(lib.llama_memory_seq_pos_max(engine.context._memory, 0)) + 1

@@ -547,7 +547,9 @@ def create_app(
                 "total_tokens": result.n_prompt + n_gen,
                 "prompt_tokens_details": {"cached_tokens": int(getattr(result, "n_prompt_cached", 0) or 0)}}
 
-    def record(result, t0: float) -> None:
+    def record(result, t0: float, req=None) -> None:
+        if req is not None:
+            metrics.observe_tokens(getattr(req, "token_ns", ()))
         metrics.prompt_tokens.inc(result.n_prompt)
         metrics.cached_prompt_tokens.inc(int(getattr(result, "n_prompt_cached", 0) or 0))
         metrics.completion_tokens.inc(len(result.tokens))
@@ -601,7 +603,7 @@ def create_app(
         """The result of a non-streamed request (a client that goes away cancels it)."""
         await collect(request, req, t0)
         result = req.result
-        record(result, t0)
+        record(result, t0, req)
         if (err := failure(result)) is not None:
             raise err
         return result
@@ -619,7 +621,7 @@ def create_app(
         for ev in flush():
             yield ev
         result = req.result
-        record(result, t0)
+        record(result, t0, req)
         err = failure(result)
         if err is not None:
             yield _sse(err.body())

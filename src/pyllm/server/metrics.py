@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _RATE_WINDOW_S = 10.0
@@ -72,6 +72,24 @@ class _EngineCollector:
         c = CounterMetricFamily("pyllm_engine_requests", "requests the engine has accepted")
         c.add_metric([], float(s.get("requests_total", 0)))
         yield c
+        for name, key, doc in (
+            ("pyllm_engine_step_seconds", "step_seconds_total", "wall time of the engine's decode-loop steps"),
+            ("pyllm_engine_decode_seconds", "decode_seconds_total", "time of those steps inside llama_decode"),
+            ("pyllm_engine_python_seconds", "python_seconds_total",
+             "time of those steps outside llama_decode (batch building, sampling, detokenizing, bookkeeping)"),
+        ):
+            if key in s:
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], float(s[key]))
+                yield c
+        hist = getattr(engine, "step_histograms", None)
+        if hist is not None:
+            for name, (buckets, total, _count) in hist().items():
+                doc = {"step_seconds": "wall time of one engine step (one llama_decode batch and its sampling)",
+                       "step_tokens": "tokens in one engine step's batch (generated + prompt)"}[name]
+                h = HistogramMetricFamily(f"pyllm_engine_{name}", doc)
+                h.add_metric([], buckets, total)
+                yield h
         g = GaugeMetricFamily("pyllm_tokens_per_second",
                               f"generated tokens per second over the last {_RATE_WINDOW_S:.0f} s (between scrapes)")
         g.add_metric([], self._rate(tokens))
@@ -99,7 +117,16 @@ class ServerMetrics:
         self.duration = Histogram("pyllm_request_duration_seconds", "time from request to its last token",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
                                   registry=self.registry)
+        self.itl = Histogram("pyllm_inter_token_latency_seconds",
+                             "time between two consecutive generated tokens of one request (engine timestamps)",
+                             buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+                             registry=self.registry)
         self.registry.register(_EngineCollector(get_engine, kv_bytes))
+
+    def observe_tokens(self, token_ns) -> None:
+        """Inter-token latencies of one finished request, from its per-token timestamps (ns)."""
+        for a, b in zip(token_ns, token_ns[1:]):
+            self.itl.observe((b - a) / 1e9)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
