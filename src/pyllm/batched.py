@@ -80,7 +80,6 @@ class BatchedEngine:
         self.n_ubatch = core.n_ubatch
         self.n_ctx_share = core.n_ctx_share
         self._calls: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
-        self._dirty = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="pyllm-batched", daemon=True)
         self._thread.start()
@@ -277,7 +276,7 @@ class BatchedEngine:
     # ---- calls into the engine thread ----
     def _wake(self) -> None:
         with self._cond:
-            self._dirty = True
+            self._core.dirty = True
             self._cond.notify_all()
 
     def _call(self, fn: Callable[[], object], timeout: Optional[float] = 60.0):
@@ -286,7 +285,7 @@ class BatchedEngine:
             if self._core.closing:
                 raise ClosedError("this BatchedEngine is closed")
             self._calls.append((fn, fut))
-            self._dirty = True
+            self._core.dirty = True
             self._cond.notify_all()
         return fut.result(timeout)
 
@@ -296,11 +295,11 @@ class BatchedEngine:
         try:
             while True:
                 with self._cond:
-                    while not core.closing and not self._dirty and not core.active:
+                    while not core.closing and not core.dirty and not core.active:
                         self._cond.wait()
                     if core.closing:
                         break
-                    self._dirty = False
+                    core.dirty = False
                     calls, self._calls = self._calls, []
                 for fn, fut in calls:
                     try:

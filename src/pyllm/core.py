@@ -94,6 +94,7 @@ class EngineCore:
                          "backend_sampling_requests_total": 0, "cpu_sampling_requests_total": 0}
         self.snapshot = {"kv_cells_used": 0, "kv_cells_reserved": 0, "kv_cells_cached": 0}
         self.closing = False
+        self.dirty = False   # under lock: something changed (a submission, a free slot) that admission must see
         self.backend_sampling = bool(getattr(config, "backend_sampling", False))
 
     @property
@@ -179,6 +180,7 @@ class EngineCore:
             self.unfinished += 1
             self.counters["requests_total"] += 1
             self.scheduler.queue.append(req)
+            self.dirty = True
             self.lock.notify_all()
 
     # ---- the loop ----
@@ -366,6 +368,7 @@ class EngineCore:
         self.refresh_snapshot()  # before the result is published: a caller that waited sees stats() after it
         with self.lock:
             self.unfinished -= 1
+            self.dirty = True    # a slot and cells are free: the queue's head may fit now
         r.finish(reason, error)
 
     def finish_unadmitted(self, r: Request, reason: str, error: Optional[BaseException] = None) -> None:

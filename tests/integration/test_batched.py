@@ -225,6 +225,15 @@ def test_queue_full_and_never_fits(model):
         assert eng.submit("Once upon a time", max_tokens=4).wait(30).n_generated == 4
 
 
+def test_queued_requests_start_when_the_last_running_one_ends(model):
+    """More requests than slots, all short: each one that ends lets the queue's head in, also when it was
+    the only one running (the engine thread must not sleep with requests waiting)."""
+    with BatchedEngine(EngineConfig(n_ctx=512, n_parallel=2), model=model, max_queue=16) as eng:
+        reqs = [eng.submit(f"Request {i} says", max_tokens=2, ignore_eos=True) for i in range(9)]
+        assert [r.wait(120).n_generated for r in reqs] == [2] * 9
+        assert eng.stats()["queued"] == 0 and eng.stats()["active"] == 0
+
+
 def test_split_kv_limits_each_sequence(model):
     with BatchedEngine(EngineConfig(n_ctx=1024, n_parallel=4, kv_unified=False), model=model) as eng:
         assert eng.n_ctx_seq == 256 and not eng.kv_unified
