@@ -240,17 +240,17 @@ def test_a_sampling_value_c_cannot_hold_is_400_not_a_hung_request(served, engine
 
 
 def test_a_request_that_cannot_start_fails_alone_and_frees_its_slot(served, engine, monkeypatch):
-    import pyllm.batched
+    import pyllm.sequence
 
     url = served()
-    real = pyllm.batched.Sampler
+    real = pyllm.sequence.Sampler   # where a request builds its sampler chain when it is admitted
 
     def broken(params, n_vocab):
         if params.top_k == 7:
             raise RuntimeError("injected: this sampler cannot be built")
         return real(params, n_vocab)
 
-    monkeypatch.setattr(pyllm.batched, "Sampler", broken)
+    monkeypatch.setattr(pyllm.sequence, "Sampler", broken)
     for stream in (False, True):
         r = httpx.post(url + "/v1/completions", timeout=20,
                        json={"prompt": "Hi", "max_tokens": 2, "top_k": 7, "stream": stream})
