@@ -194,6 +194,11 @@ def pyllm_argv(argv: Sequence[str], model: str) -> tuple[list[str], list[str]]:
     elif "--kv-unified" not in seen and "--no-kv-unified" not in seen:
         out.append("--no-kv-unified")
         notes.append("--no-kv-unified added: llama-server splits n_ctx per slot unless -kvu or -np is automatic")
+    if "--cors-origins" not in seen:
+        out += ["--cors-origins", "*"]
+        notes.append("--cors-origins * added: llama-server's default (pyllm sends no CORS headers unless asked)")
+    out.append("--any-model")
+    notes.append("--any-model added: llama-server answers every model name with its one model")
     if "-c" not in seen:
         out += ["-c", "0"]
         notes.append("-c 0 added: llama-server's default context is the model's training context")
@@ -427,6 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print(f"note: {f}.py is not in this pin's suite; skipped", file=sys.stderr)
     python = prepare_venv(tests)
+    args.out = args.out.resolve()
     log_dir = args.out.parent
     log_dir.mkdir(parents=True, exist_ok=True)
     (WORK / "wrappers.log").write_text("")
