@@ -405,6 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--per-test-timeout", type=int, default=180, help="seconds one test may take (default 180)")
     ap.add_argument("--out", type=Path, default=WORK / "report.json", help="the JSON report")
     ap.add_argument("--pytest-args", default="", help="more pytest arguments (one string), e.g. '-k props'")
+    ap.add_argument("--reuse", type=Path,
+                    help="a report of an earlier run: the servers this run leaves out (--servers) are taken from it, "
+                         "so that a pyllm run is compared with a llama-server run made before")
     ap.add_argument("--translate", action="store_true",
                     help="print pyllm's command line for the llama-server flags after -- and exit")
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -452,6 +455,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[kind] = run_suite(kind, wrapper, python, tests, files, per_test_s=args.per_test_timeout,
                                   extra=shlex.split(args.pytest_args), log_dir=log_dir)
         print(f"  {kind}: {results[kind]['seconds']} s, log {results[kind]['log']}", file=sys.stderr, flush=True)
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        for kind, res in earlier.get("servers", {}).items():
+            if kind not in results:
+                results[kind] = {**res, "reused_from": str(args.reuse)}
+    results = {k: results[k] for k in SERVERS if k in results}
     report = {"model": model, "files": files, "servers": results,
               "translation": {"flags": {k: v[0] for k, v in FLAGS.items()},
                               "model_flags": sorted(MODEL_FLAGS), "dropped": {k: v[1] for k, v in DROPPED.items()}}}

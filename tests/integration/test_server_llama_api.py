@@ -330,3 +330,45 @@ def test_several_hosts_bind_each_and_bad_ones_are_refused():
                 s.close()
     assert not ServeSettings(host="127.0.0.1,0.0.0.0").is_loopback
     assert ServeSettings(host="127.0.0.1").bind() is None   # one address: uvicorn binds it
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI's Responses API (as llama-server converts it to a chat request)
+# ---------------------------------------------------------------------------------------------
+def test_responses_api_through_the_chat_path(server, http):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=180)
+    messages = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+    # cache_prompt false everywhere: a warm prefix can flip this near-tie (see BatchedEngine's determinism notes)
+    cold = {"cache_prompt": False}
+    chat = http.post("/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0, **cold}).json()
+    expected = chat["choices"][0]["message"]["content"]
+    res = client.responses.create(model="a2", instructions="Book", input="What is the best book", max_output_tokens=8,
+                                  temperature=0, extra_body=cold)
+    assert res.id.startswith("resp_") and res.output[0].id.startswith("msg_") and res.output_text == expected
+    assert res.usage.input_tokens == chat["usage"]["prompt_tokens"] and res.usage.output_tokens == 8
+    assert res.status == "incomplete" and res.incomplete_details.reason == "max_output_tokens"
+    again = client.responses.create(model="a2", input=[{"role": "system", "content": "Book"},
+                                                       {"role": "user", "content": [{"type": "input_text",
+                                                                                     "text": "What is the best book"}]}],
+                                    max_output_tokens=8, temperature=0, extra_body=cold)
+    assert again.output_text == expected
+    stream = client.responses.create(model="a2", input=messages, max_output_tokens=8, temperature=0, stream=True,
+                                    extra_body=cold)
+    types, text, done = [], "", None
+    for ev in stream:
+        types.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            text += ev.delta
+        if ev.type == "response.completed":
+            done = ev.response
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
+    assert text == expected == done.output_text and done.output[0].id.startswith("msg_")
+    for body, param in (({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+                        ({"input": [{"type": "function_call", "name": "f"}]}, "input"), ({}, "input"),
+                        ({"input": "x", "return_progress": True}, "return_progress")):
+        r = http.post("/v1/responses", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)

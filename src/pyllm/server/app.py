@@ -32,6 +32,7 @@ from pyllm.errors import (BrokenChatTemplateError, ChatTemplateError, ClosedErro
 from pyllm.sampling import SamplingParams
 import pyllm.server.metrics as _metrics
 import pyllm.server.native as native
+import pyllm.server.responses as responses
 from pyllm.server.native import timings_of
 from pyllm.server.cors import CorsPolicy, parse_origins
 from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported, sampling_of
@@ -46,7 +47,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
               "/detokenize", "/chat/completions", "/completion", "/completions", "/models", "/props", "/slots",
-              "/apply-template", "/v1/health", "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens")
+              "/apply-template", "/v1/health", "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens", "/v1/responses",
+              "/responses")
 # Answered without an API key (llama-server's public endpoints).
 _PUBLIC = ("/health", "/v1/health")
 _FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context_full": "length"}
@@ -229,8 +231,22 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-async def _parse(request: Request, model: type[BaseModel], limit: int):
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON (any JSON value); a 400 for an empty or invalid body."""
     body = await _read_body(request, limit)
+    if not body.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON (or not valid UTF-8): {exc}") from None
+
+
+async def _parse(request: Request, model: type[BaseModel], limit: int):
+    return _validate(model, await _read_body(request, limit))
+
+
+def _validate(model: type[BaseModel], body: bytes):
     if not body.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
@@ -763,7 +779,8 @@ def create_app(
         default_max_tokens=default_max_tokens, default_params=default_params, slots_endpoint=slots_endpoint,
         metrics_endpoint=metrics_endpoint, verbose=verbose_responses, build_info=fingerprint,
         max_top_logprobs=MAX_TOP_LOGPROBS, special_text=_special_text, render_text=render_text,
-        render_prompt=render_prompt, APIError=APIError, EventStream=_EventStream, parse=_parse)
+        render_prompt=render_prompt, APIError=APIError, EventStream=_EventStream, parse=_parse, validate=_validate,
+        read_json=lambda request: _read_json(request, max_body_bytes))
     native.register(app, h)
 
     # ---- endpoints ----
@@ -861,11 +878,10 @@ def create_app(
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
 
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")
-    async def chat_completions(request: Request):
-        t0 = time.perf_counter()
-        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
+    async def start_chat(body) -> types.SimpleNamespace:
+        """A chat request (ChatCompletionRequest) checked, rendered and submitted: ``eng``, ``name``, ``req``,
+        ``parser`` (the reasoning split, or None), ``tokens``, ``stops``, ``requested``, ``capped``,
+        ``n_logprobs``. Every API that converses (chat completions, responses) starts here."""
         eng = engine_or_503()
         name = check_model(body.model)
         refuse_unsupported(body)
@@ -874,13 +890,22 @@ def create_app(
         requested = max_tokens_of(body)
         fmt = getattr(body, "reasoning_format", None) or reasoning_format
         prompt = await render_chat(eng, body)
-        tmpl = state.template
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
         max_tokens, capped = cap(eng, len(tokens), requested, "messages")
-        parser = reasoning_parser_for(prompt, tmpl) if fmt != "none" else None
+        parser = reasoning_parser_for(prompt, state.template) if fmt != "none" else None
         req = submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs)
+        return types.SimpleNamespace(eng=eng, name=name, req=req, parser=parser, tokens=tokens, stops=stops,
+                                     requested=requested, capped=capped, n_logprobs=n_logprobs)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
+        c = await start_chat(body)
+        eng, name, req, parser, tokens, stops, n_logprobs = c.eng, c.name, c.req, c.parser, c.tokens, c.stops, c.n_logprobs
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish: Optional[str] = None, entries=None) -> dict:
@@ -929,8 +954,11 @@ def create_app(
                             "finish_reason": _FINISH[result.stop_reason]}],
                "usage": usage(result), "timings": timings_of(result)}
         if body.verbose or verbose_responses:
-            out["__verbose"] = verbose_of(eng, req, result, tokens, name, body, stops, requested, capped)
+            out["__verbose"] = verbose_of(eng, req, result, tokens, name, body, stops, c.requested, c.capped)
         return out
+
+    h.start_chat, h.finished, h.split, h.usage, h.fingerprint = start_chat, finished, split, usage, fingerprint
+    responses.register(app, h)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
