@@ -8,6 +8,12 @@ sampler is off (``mirostat_tau`` without ``mirostat``), and any refused field se
 value (``mirostat: 0``, ``typical_p: 1``, ``tool_choice: "auto"``): clients that send every field with
 its default keep working. Names and forms are OpenAI's and llama-server's (``params_from_json`` in
 ``tools/server/server-schema.cpp`` and ``server-common.cpp`` at the pin).
+
+The same table serves llama-server's native ``/completion`` (pyllm.server.native), which honours three of
+its entries (``n_probs``, ``return_tokens``, ``response_fields``: ``refuse_unsupported(honoured=...)``), and
+the Responses API (pyllm.server.responses), whose requests become chat requests. ``verbose`` is honoured
+everywhere (``__verbose`` in the response) and ``reasoning_format`` takes ``none`` (the reasoning stays in
+``content``) besides ``auto``/``deepseek``.
 """
 from __future__ import annotations
 
