@@ -70,3 +70,13 @@ def _rpc_protocol() -> str:
 
 def has_cuda() -> bool:
     return "CUDA" in _s(lib.pyllm_build_backends()).split(",")
+
+
+# CMakeLists.txt builds llama.cpp with LLAMA_BUILD_NUMBER 0 (the pinned sdist has no git history to count).
+LLAMA_BUILD_NUMBER = 0
+
+
+def build_info_line() -> str:
+    """llama.cpp's build string for this build, ``b<build number>-<commit>`` (what llama-server reports as
+    ``system_fingerprint`` and ``build_info``), with pyllm's version after it."""
+    return f"b{LLAMA_BUILD_NUMBER}-{_s(lib.pyllm_build_llama_commit())}-pyllm-{_s(lib.pyllm_build_version())}"

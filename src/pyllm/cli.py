@@ -464,34 +464,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     env = _environment(args)
     config = _config_from_args(args, env)
+    names = _comma_list(args.alias)
     settings = ServeSettings.from_env(env, host=args.host, port=args.port, api_key=args.api_key,
-                                      model_name=args.alias[0] if args.alias else None,
-                                      aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
+                                      model_name=names[0] if names else None,
+                                      aliases=tuple(names[1:]) if names else None, grace_s=args.grace,
                                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
                                       default_max_tokens=args.n_predict,
                                       log_level="debug" if args.verbose >= 2 else "info",
-                                      special_in_messages=True if args.special_in_messages else None)
+                                      special_in_messages=True if args.special_in_messages else None,
+                                      default_temperature=args.temp, metrics=args.metrics, slots=args.slots,
+                                      cors_origins=args.cors_origins, tags=tuple(_comma_list(args.tags)) or None,
+                                      jinja=args.jinja, reasoning_format=args.reasoning_format,
+                                      reasoning=args.reasoning, verbose_responses=args.verbose_responses or None,
+                                      any_model=args.any_model or None)
     return serve(config, settings)
 
 
+def _comma_list(values: Optional[Sequence[str]]) -> list[str]:
+    """Repeated flags whose values may each be a comma-separated list (llama-server's --alias, --tags):
+    the names in order, blanks and repeats dropped."""
+    out: list[str] = []
+    for v in values or ():
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return list(dict.fromkeys(out))
+
+
 def _add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')")
-    _add_model_args(p, ENGINE_FIELDS + ("n_parallel",))
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')",
+                       description="An OpenAI-compatible HTTP server that also answers llama-server's own endpoints "
+                                   "(/completion, /props, /slots, /tokenize, /apply-template) and takes its flags.")
+    _add_model_args(p, ENGINE_FIELDS + ("n_parallel", "kv_unified"))
     p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="TCP port (env PORT; default 8080)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env PYLLM_API_KEY, preferred: "
-                                     "flags are visible to other users in ps)")
-    p.add_argument("-a", "--alias", action="append", help="model id to serve as (repeatable; default: the file name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' or 'X-Api-Key: KEY' (env PYLLM_API_KEY, "
+                                     "preferred: flags are visible to other users in ps)")
+    p.add_argument("-a", "--alias", action="append",
+                   help="model id to serve as (repeatable or comma-separated, as llama-server's; the first is the id "
+                        "/v1/models reports; default: the file name)")
+    p.add_argument("--tags", action="append", help="model tags /v1/models lists (comma-separated, informational)")
     p.add_argument("--grace", type=float, help="seconds running requests may finish after SIGTERM "
                                                "(env PYLLM_SHUTDOWN_GRACE; default 30)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (env PYLLM_MAX_BODY_BYTES; default 8 MiB)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
-    p.add_argument("-n", "--n-predict", type=int, help="max_tokens of requests that give none "
-                                                       "(env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / n_parallel - prompt)")
+    p.add_argument("-n", "--n-predict", "--predict", type=int,
+                   help="max_tokens of requests that give none (env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / "
+                        "n_parallel - prompt)")
+    p.add_argument("--temp", "--temperature", type=float,
+                   help="temperature of requests that give none (llama-server's --temp; default 0.8)")
     p.add_argument("--special-in-messages", action="store_true",
                    help="parse control tokens written in message text (<end_of_turn> ...), as llama-server does "
                         "(env PYLLM_SPECIAL_IN_MESSAGES=1); default: message text is plain text, so no message "
                         "can close its turn or forge another")
+    p.add_argument("--metrics", dest="metrics", action="store_const", const=True, default=None,
+                   help="serve /metrics (the default; pyllm's and llama-server's llamacpp: names)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_const", const=False,
+                   help="answer /metrics with 501, as llama-server does without --metrics")
+    p.add_argument("--slots", dest="slots", action="store_const", const=True, default=None,
+                   help="serve GET /slots, each slot's state (the default, as llama-server's)")
+    p.add_argument("--no-slots", dest="slots", action="store_const", const=False, help="answer /slots with 501")
+    p.add_argument("--cors-origins", metavar="ORIGINS",
+                   help="origins a browser may call this server from: comma-separated, '*' (any; the Origin is "
+                        "echoed), or 'localhost' (any origin on this machine), as llama-server's (default: none, "
+                        "no CORS headers are sent)")
+    p.add_argument("--jinja", dest="jinja", action="store_const", const=True, default=None,
+                   help="render the model's chat template with Jinja (the default)")
+    p.add_argument("--no-jinja", dest="jinja", action="store_const", const=False,
+                   help="render the model's chat template with llama.cpp's built-in formats (llama_chat_apply_template "
+                        "detects the format from the template), as llama-server --no-jinja")
+    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "none"),
+                   help="where a reply's <think> block goes: deepseek/auto (the default) reasoning_content, none: "
+                        "left in content (a request's reasoning_format overrides it)")
+    p.add_argument("-rea", "--reasoning", choices=("on", "off", "auto"),
+                   help="thinking by default: on/off pass enable_thinking true/false to the chat template, auto "
+                        "(the default) leaves it to the request (enable_thinking true unless it turns it off)")
+    p.add_argument("--verbose", dest="verbose_responses", action="store_true",
+                   help="every completion response carries '__verbose' (the rendered prompt and the generation "
+                        "settings), as llama-server --verbose; a request asks for it with \"verbose\": true")
+    p.add_argument("--any-model", action="store_true",
+                   help="answer requests whatever model they name, as llama-server does (default: a name that is "
+                        "neither the served model nor an alias is a 404, as OpenAI answers it)")
+    p.add_argument("--offline", action="store_true",
+                   help="accepted for llama-server's scripts: pyllm downloads nothing (a model is a local file)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -296,6 +296,10 @@ SETTINGS: tuple[Setting, ...] = (
             "threads for generation and batches (default: the CPUs available)", 1),
     Setting("n_parallel", "LLAMA_PARALLEL", ("-np", "--parallel"), "int",
             "sequences decoded at once (default 1)", 1),
+    Setting("kv_unified", "LLAMA_ARG_KV_UNIFIED", ("-kvu", "--kv-unified"), "bool",
+            "one KV pool shared by all sequences (default 1); -no-kvu/--no-kv-unified gives each of the -np "
+            "sequences n_ctx / n_parallel cells (llama.cpp's split streams)",
+            off_flags=("-no-kvu", "--no-kv-unified")),
     Setting("seed", "LLAMA_SEED", ("--seed",), "int", "sampling seed (default: random)"),
     Setting("use_mlock", "USE_MLOCK", (), "bool", "lock the model in RAM (1/0)"),
     Setting("use_mmap", "USE_MMAP", (), "bool", "memory-map the model file (1/0, default 1)"),

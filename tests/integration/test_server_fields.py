@@ -159,7 +159,7 @@ REFUSED = [
     ("grammar", "root ::= \"yes\""), ("json_schema", {"type": "object"}), ("response_format", {"type": "json_object"}),
     ("n_indent", 4), ("t_max_predict_ms", 100), ("n_cache_reuse", 256), ("n_probs", 3), ("post_sampling_probs", True),
     ("n_cmpl", 2), ("response_fields", ["content"]), ("return_tokens", True), ("timings_per_token", True),
-    ("reasoning_format", "none"), ("reasoning_budget_tokens", 16), ("parse_tool_calls", True),
+    ("reasoning_format", "deepseek-legacy"), ("reasoning_budget_tokens", 16), ("parse_tool_calls", True),
     ("best_of", 2), ("prediction", {"type": "content", "content": "x"}), ("audio", {"voice": "alloy"}),
     ("modalities", ["text", "audio"]), ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}),
     ("verbosity", "low"), ("web_search_options", {}), ("continue_final_message", True),

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +31,10 @@ from pyllm.errors import (BrokenChatTemplateError, ChatTemplateError, ClosedErro
                           QueueFullError, TokenizeError)
 from pyllm.sampling import SamplingParams
 import pyllm.server.metrics as _metrics
+import pyllm.server.native as native
+import pyllm.server.responses as responses
+from pyllm.server.native import timings_of
+from pyllm.server.cors import CorsPolicy, parse_origins
 from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported, sampling_of
 from pyllm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Message,
                                   TokenizeRequest)
@@ -41,25 +46,31 @@ access_log = logging.getLogger("pyllm.server.access")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-              "/detokenize")
+              "/detokenize", "/chat/completions", "/completion", "/completions", "/models", "/props", "/slots",
+              "/apply-template", "/v1/health", "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens", "/v1/responses",
+              "/responses")
+# Answered without an API key (llama-server's public endpoints).
+_PUBLIC = ("/health", "/v1/health")
 _FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context_full": "length"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-                503: "unavailable_error"}
+                501: "not_supported_error", 503: "unavailable_error"}
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Any = None,
-                 type: Optional[str] = None, headers: Optional[dict] = None) -> None:
+                 type: Optional[str] = None, headers: Optional[dict] = None, extra: Optional[dict] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
         self.code = code if code is not None else status
         self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.extra = extra or {}   # more fields of the error object (llama-server's n_prompt_tokens, n_ctx)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code,
+                          **self.extra}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -91,11 +102,13 @@ def _sse(obj: Any) -> str:
 # ASGI guard: auth, body size, request counting. Pure ASGI, so streaming responses are untouched.
 # ---------------------------------------------------------------------------------------------
 class _Guard:
-    def __init__(self, app, *, api_key: Optional[str], max_body_bytes: int, metrics: _metrics.ServerMetrics):
+    def __init__(self, app, *, api_key: Optional[str], max_body_bytes: int, metrics: _metrics.ServerMetrics,
+                 cors: Optional[CorsPolicy] = None):
         self.app = app
         self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.cors = cors
 
     async def _reject(self, send, err: APIError, endpoint: str) -> None:
         self.metrics.requests.labels(endpoint, str(err.status)).inc()
@@ -104,10 +117,16 @@ class _Guard:
         await send({"type": "http.response.body", "body": resp.body})
 
     def _authorized(self, headers: dict) -> bool:
-        auth = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
+        """``Authorization: Bearer <key>``, or Anthropic's ``X-Api-Key: <key>`` (llama-server takes both)."""
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+        else:
+            token = headers.get(b"x-api-key")
+            if token is None:
+                return False
         # Digests of equal length: the comparison time says nothing about the key's length or content.
         return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self._key_digest)
 
@@ -135,8 +154,26 @@ class _Guard:
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else "other"
         headers = dict(scope.get("headers") or ())
-        if self._key_digest is not None and path != "/health" and not self._authorized(headers):
-            err = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+        if self.cors is not None:
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            preflight = scope.get("method") == "OPTIONS"
+            extra = self.cors.headers(origin, preflight=preflight)
+            if preflight:   # before the key check: browsers send preflights without credentials
+                self.metrics.requests.labels(endpoint, "200").inc()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*extra, (b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if extra:
+                inner_send = send
+
+                async def send(message):   # noqa: F811 - the CORS headers on every response
+                    if message["type"] == "http.response.start":
+                        message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                    await inner_send(message)
+        if self._key_digest is not None and path not in _PUBLIC and not self._authorized(headers):
+            err = APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>' "
+                                "(or 'X-Api-Key: <key>')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await self._reject(send, err, endpoint)
             return
@@ -194,8 +231,22 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-async def _parse(request: Request, model: type[BaseModel], limit: int):
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON (any JSON value); a 400 for an empty or invalid body."""
     body = await _read_body(request, limit)
+    if not body.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON (or not valid UTF-8): {exc}") from None
+
+
+async def _parse(request: Request, model: type[BaseModel], limit: int):
+    return _validate(model, await _read_body(request, limit))
+
+
+def _validate(model: type[BaseModel], body: bytes):
     if not body.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
@@ -331,6 +382,13 @@ class _State:
         self.template_error: Optional[str] = None
 
 
+def _fingerprint() -> str:
+    """``system_fingerprint``: the build serving the request (pyllm's version and the llama.cpp commit)."""
+    from pyllm.buildinfo import build_info_line
+
+    return build_info_line()
+
+
 def _kv_info(engine) -> Optional[dict]:
     """KV bytes per cache and type, read once (they are fixed at allocation)."""
     try:
@@ -377,6 +435,16 @@ def create_app(
     close_engine: Optional[bool] = None,
     on_load_error: Optional[Callable[[BaseException], None]] = None,
     special_in_messages: bool = False,
+    default_sampling: Optional[dict] = None,
+    metrics_endpoint: bool = True,
+    slots_endpoint: bool = True,
+    cors_origins: Optional[str] = None,
+    tags: Sequence[str] = (),
+    jinja: bool = True,
+    reasoning_format: str = "deepseek",
+    reasoning: str = "auto",
+    verbose_responses: bool = False,
+    any_model: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` (a pyllm.batched.BatchedEngine).
 
@@ -385,20 +453,43 @@ def create_app(
     requires ``Authorization: Bearer <api_key>``. ``model_name``/``aliases``: the ids /v1/models lists
     and requests may name (default: the model file's name and its stem). ``close_engine``: close the
     engine at shutdown (default: only an engine the app loaded itself). ``default_max_tokens``: for
-    requests without max_tokens (default: the request's share of the KV pool, n_ctx / n_parallel).
+    requests without max_tokens (default: the request's share of the KV pool, n_ctx / n_parallel; -1: as
+    many as the context holds, llama-server's -n -1).
     ``special_in_messages``: tokenize message text with special-token parsing, as llama-server does, so a
     client can write control tokens such as ``<end_of_turn>`` in a message (default False: message text is
     plain text and only the chat template's own markup becomes control tokens; see ChatTemplate.render_prompt).
+
+    llama-server's settings (``pyllm serve``'s flags of the same names): ``default_sampling`` (``--temp``: the
+    sampling of requests that leave it out), ``metrics_endpoint``/``slots_endpoint`` (False: /metrics, /slots
+    answer 501), ``cors_origins`` (see pyllm.server.cors; None: no CORS headers), ``tags`` (listed by
+    /v1/models), ``jinja`` (False: the model's template goes through llama.cpp's built-in formats),
+    ``reasoning_format`` (``deepseek``: <think> text in reasoning_content; ``none``: left in content),
+    ``reasoning`` (``on``/``off``: enable_thinking's default; ``auto``: true unless a request turns it off),
+    ``verbose_responses`` (every completion carries ``__verbose``, the native result with the prompt),
+    ``any_model`` (a request may name any model, as llama-server answers every name with its one model;
+    default: a name that is not the served model or an alias is a 404).
     """
     if (engine is None) == (loader is None):
         raise ConfigError("create_app needs exactly one of engine= (a BatchedEngine) or loader= (a callable)")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes={max_body_bytes!r} is out of range; expected an integer >= 1024")
-    if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or
-                                           not isinstance(default_max_tokens, int) or default_max_tokens < 1):
-        raise ConfigError(f"default_max_tokens={default_max_tokens!r} is out of range; expected an integer >= 1")
-    if not isinstance(special_in_messages, bool):
-        raise ConfigError(f"special_in_messages={special_in_messages!r} is not a bool; expected True or False")
+    if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int)
+                                           or (default_max_tokens < 1 and default_max_tokens != UNLIMITED)):
+        raise ConfigError(f"default_max_tokens={default_max_tokens!r} is out of range; expected an integer >= 1, or -1 "
+                          "(as many as the context holds)")
+    for flag_name, flag in (("special_in_messages", special_in_messages), ("metrics_endpoint", metrics_endpoint),
+                            ("slots_endpoint", slots_endpoint), ("jinja", jinja), ("verbose_responses", verbose_responses),
+                            ("any_model", any_model)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{flag_name}={flag!r} is not a bool; expected True or False")
+    if reasoning_format not in ("deepseek", "auto", "none"):
+        raise ConfigError(f"reasoning_format={reasoning_format!r} is not supported; expected deepseek, auto or none")
+    if reasoning not in ("on", "off", "auto"):
+        raise ConfigError(f"reasoning={reasoning!r} is not valid; expected on, off or auto")
+    default_sampling = dict(default_sampling or {})
+    SamplingParams(**default_sampling)   # checked now, not on every request
+    cors = parse_origins(cors_origins)
+    tags = list(dict.fromkeys(tags))
     state = _State()
     owns = (loader is not None) if close_engine is None else close_engine
     created = int(time.time())
@@ -411,7 +502,12 @@ def create_app(
         # request, so one that is named but unusable stops the start-up instead of failing every request.
         spec = chat_template or eng.config.chat_template
         try:
-            template = resolve_template(spec, model)
+            own = None if (spec or jinja) else model.chat_template()
+            # --no-jinja: llama.cpp's built-in formats render the model's own template (llama_chat_apply_template
+            # recognises the format from the template text), as llama-server --no-jinja does.
+            template = (ChatTemplate(source=f"llama.cpp's built-in format for the template of {model.path.name} "
+                                            "(--no-jinja)", builtin=own) if own is not None
+                        else resolve_template(spec, model))
         except ChatTemplateError as exc:
             if spec:
                 raise
@@ -462,7 +558,8 @@ def create_app(
     app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pyllm = state
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, cors=cors)
+    inflight: set = set()   # submitted requests not yet finished (GET /slots reads their slots)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -497,12 +594,15 @@ def create_app(
         return state.template
 
     def check_model(name: Optional[str]) -> str:
-        if name is not None and name not in names:
+        if name is not None and name not in names and not any_model:
             raise APIError(404, f"model {name!r} does not exist; this server serves: {', '.join(names)}",
                            param="model", code="model_not_found")
         return names[0]
 
     def cap_tokens(eng, n_prompt: int, requested: Optional[int], param: str) -> int:
+        return cap(eng, n_prompt, requested, param)[0]
+
+    def cap(eng, n_prompt: int, requested: Optional[int], param: str) -> tuple[int, bool]:
         """max_tokens capped by the context (``param``: the field that holds the prompt). Unasked, a
         request gets its fair share of the KV pool (n_ctx / n_parallel, prompt included), so n_parallel
         such requests run at once; ``default_max_tokens`` sets another default. An explicit one (or
@@ -513,9 +613,12 @@ def create_app(
         n_seq = int(s.get("n_ctx_seq") or eng.n_ctx)
         room = n_seq - n_prompt
         if room < 1:
-            raise APIError(400, f"the prompt has {n_prompt} tokens; a request fits at most {n_seq - 1} "
-                                f"(context of {n_seq} tokens per sequence; raise -c / MAX_CONTEXT_LENGTH)",
-                           param=param, code="context_length_exceeded")
+            # llama-server's error type and fields beside OpenAI's code, so either kind of client finds them.
+            raise APIError(400, f"the request exceeds the available context size: the prompt has {n_prompt} tokens; "
+                                f"a request fits at most {n_seq - 1} (context of {n_seq} tokens per sequence; raise "
+                                "-c / MAX_CONTEXT_LENGTH)", param=param, code="context_length_exceeded",
+                           type="exceed_context_size_error", extra={"n_prompt_tokens": n_prompt, "n_ctx": n_seq})
+        explicit = requested is not None and requested != UNLIMITED
         if requested is None:
             requested = default_max_tokens
         if requested is None:
@@ -523,13 +626,16 @@ def create_app(
             requested = share if share >= 1 else room
         elif requested == UNLIMITED:
             requested = room
-        return min(requested, room)
+        # capped: the context, not the request's own limit, ends the generation there (llama-server's truncated)
+        return min(requested, room), (requested > room if explicit else requested >= room)
 
     def submit(eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
                body, logprobs: Optional[int] = None):
         try:
-            return eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                              ignore_eos=bool(body.ignore_eos), logprobs=logprobs, cache_prompt=body.cache_prompt)
+            req = eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
+                             ignore_eos=bool(body.ignore_eos), logprobs=logprobs, cache_prompt=body.cache_prompt)
+            inflight.add(req)
+            return req
         except QueueFullError as exc:
             metrics.rejected.inc()
             raise APIError(503, f"the server is busy: {exc}", code="queue_full",
@@ -548,6 +654,8 @@ def create_app(
                 "prompt_tokens_details": {"cached_tokens": int(getattr(result, "n_prompt_cached", 0) or 0)}}
 
     def record(result, t0: float, req=None) -> None:
+        inflight.difference_update([r for r in list(inflight) if r.done])
+        metrics.llamacpp.record(result)
         if req is not None:
             metrics.observe_tokens(getattr(req, "token_ns", ()))
         metrics.prompt_tokens.inc(result.n_prompt)
@@ -638,24 +746,70 @@ def create_app(
         reasoning = "".join(t for k, t in parts if k == "reasoning")
         return (reasoning or None), "".join(t for k, t in parts if k != "reasoning")
 
+    fingerprint = _fingerprint()
+
+    def default_params() -> dict:
+        """The sampling of a request that sets nothing (llama-server's /props default_generation_settings)."""
+        eng = state.engine
+        base = SamplingParams(**default_sampling)
+        seed = eng.config.seed if eng is not None and eng.config.seed is not None else base.seed
+        return native.generation_settings(SamplingParams(**{**default_sampling, "seed": seed}),
+                                          n_predict=default_max_tokens or -1, stops=[], ignore_eos=False, n_probs=0,
+                                          cache_prompt=None)
+
+    def verbose_of(eng, req, result, tokens, name, body, stops, requested, capped) -> dict:
+        """llama-server's ``__verbose``: the native /completion result of this request (its prompt as text)."""
+        n_predict = -1 if requested in (None, UNLIMITED) else requested
+        settings = native.generation_settings(req.sampling, n_predict=n_predict, stops=stops,
+                                              ignore_eos=bool(body.ignore_eos), n_probs=0, cache_prompt=body.cache_prompt)
+        truncated = result.stop_reason == "context_full" or (result.stop_reason == "max_tokens" and capped)
+        return h.native_obj(eng, req, result, tokens=tokens, name=name, index=0, settings=settings,
+                            truncated=truncated, return_tokens=True, n_probs=None)
+
+    async def render_text(eng, body) -> str:
+        return await render_chat(eng, body, add_generation_prompt=body.add_generation_prompt, text_only=True)
+
+    async def render_prompt(eng, body):
+        return await render_chat(eng, body, add_generation_prompt=body.add_generation_prompt)
+
+    from pyllm.chat import _special_text
+
+    h = types.SimpleNamespace(
+        engine_or_503=engine_or_503, check_model=check_model, cap=cap, submit=submit, collect=collect, record=record,
+        failure=failure, stops=_stops, sampling_of=lambda body, model: sampling_of(body, model, default_sampling),
+        names=names, state=state, metrics=metrics, inflight=inflight, max_body_bytes=max_body_bytes,
+        default_max_tokens=default_max_tokens, default_params=default_params, slots_endpoint=slots_endpoint,
+        metrics_endpoint=metrics_endpoint, verbose=verbose_responses, build_info=fingerprint,
+        max_top_logprobs=MAX_TOP_LOGPROBS, special_text=_special_text, render_text=render_text,
+        render_prompt=render_prompt, APIError=APIError, EventStream=_EventStream, parse=_parse, validate=_validate,
+        read_json=lambda request: _read_json(request, max_body_bytes))
+    native.register(app, h)
+
     # ---- endpoints ----
     @app.get("/health")
+    @app.get("/v1/health")
     async def health():
         engine_or_503()
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def get_metrics():
-        return Response(metrics.render(), media_type=_metrics.CONTENT_TYPE)
+        if not metrics_endpoint:
+            raise APIError(501, "this server does not serve /metrics (started with --no-metrics)")
+        return Response(metrics.render(), media_type=_metrics.CONTENT_TYPE,
+                        headers={"Process-Start-Time-Unix": str(int(metrics.started))})
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
         eng = engine_or_503()
         m = eng.model
         meta = {"n_ctx": int(eng.n_ctx), "n_ctx_train": m.n_ctx_train, "n_params": m.n_params, "size": m.size,
                 "n_embd": m.n_embd, "n_vocab": m.n_vocab}
+        # aliases: the names the server was given (-a); requests may also name the file or its stem.
+        given = [n for n in (model_name, *aliases) if n]
         return {"object": "list", "data": [{"id": names[0], "object": "model", "created": created,
-                                            "owned_by": "pyllm", "aliases": names[1:], "meta": meta}]}
+                                            "owned_by": "pyllm", "aliases": given, "tags": tags, "meta": meta}]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -667,8 +821,15 @@ def create_app(
         except TokenizeError as exc:
             raise APIError(400, str(exc), param="content") from None
         if body.with_pieces:
-            pieces = [eng.model.detokenize([t], unparse_special=True) for t in tokens]
-            return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]}
+            # llama-server's shape: a piece that is not whole UTF-8 (a byte token) is its list of byte values.
+            out = []
+            for t in tokens:
+                raw = eng.model.token_to_piece(t, special=True)
+                try:
+                    out.append({"id": t, "piece": raw.decode("utf-8")})
+                except UnicodeDecodeError:
+                    out.append({"id": t, "piece": list(raw)})
+            return {"tokens": out}
         return {"tokens": tokens}
 
     @app.post("/detokenize")
@@ -680,54 +841,79 @@ def create_app(
         except TokenizeError as exc:
             raise APIError(400, str(exc), param="tokens") from None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        t0 = time.perf_counter()
-        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
-        eng = engine_or_503()
-        name = check_model(body.model)
-        refuse_unsupported(body)
-        sampling, stops, n_logprobs = sampling_of(body, eng.model), _stops(body.stop), _chat_logprobs(body)
-        requested = max_tokens_of(body)
-        if not body.messages:
-            raise APIError(400, "messages is empty; expected at least one message", param="messages")
-        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-        tmpl = chat_template_of(eng)
+    def template_kwargs(body) -> dict:
+        """chat_template_kwargs with reasoning_effort and enable_thinking, as llama-server passes them."""
         kwargs = dict(body.chat_template_kwargs or {})
         if body.reasoning_effort == "none":  # as llama-server: "none" turns thinking off, others reach the template
             kwargs["enable_thinking"] = False
         elif body.reasoning_effort:
             kwargs["reasoning_effort"] = body.reasoning_effort
-        # As llama-server: enable_thinking is always passed (true unless the client turns it off).
-        kwargs.setdefault("enable_thinking", True)
+        # As llama-server: enable_thinking is always passed (true unless the client or --reasoning off turns it off).
+        kwargs.setdefault("enable_thinking", reasoning != "off")
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "seconds", "max_chars"})
         if reserved:  # the render's own arguments (its time and size limits included) are not the client's
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                            param="chat_template_kwargs")
+        return kwargs
 
-        def render_and_tokenize():
+    async def render_chat(eng, body, *, add_generation_prompt: bool = True, text_only: bool = False):
+        """The conversation of a chat request (or /apply-template's) rendered by the server's template: a
+        ChatPrompt (text and tokens), or with ``text_only`` the prompt text."""
+        if not body.messages:
+            raise APIError(400, "messages is empty; expected at least one message", param="messages")
+        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+        tmpl = chat_template_of(eng)
+        kwargs = template_kwargs(body)
+
+        def render():
+            if text_only:
+                return tmpl.render(messages, add_generation_prompt=add_generation_prompt, tools=body.tools, **kwargs)
             # Message text is plain text to the tokenizer: only the template's markup becomes control tokens.
-            return tmpl.render_prompt(messages, eng.model, add_generation_prompt=True, tools=body.tools,
-                                      special_in_messages=special_in_messages, **kwargs)
+            return tmpl.render_prompt(messages, eng.model, add_generation_prompt=add_generation_prompt,
+                                      tools=body.tools, special_in_messages=special_in_messages, **kwargs)
 
         try:
-            prompt = await asyncio.to_thread(render_and_tokenize)
+            return await asyncio.to_thread(render)
         except BrokenChatTemplateError as exc:   # the server's template failed, whatever the messages were
             log.error("chat template failed: %s", exc)
             raise APIError(500, str(exc), code="chat_template_failed") from None
         except (ChatTemplateError, TokenizeError) as exc:
             raise APIError(400, str(exc), param="messages") from None
+
+    async def start_chat(body) -> types.SimpleNamespace:
+        """A chat request (ChatCompletionRequest) checked, rendered and submitted: ``eng``, ``name``, ``req``,
+        ``parser`` (the reasoning split, or None), ``tokens``, ``stops``, ``requested``, ``capped``,
+        ``n_logprobs``. Every API that converses (chat completions, responses) starts here."""
+        eng = engine_or_503()
+        name = check_model(body.model)
+        refuse_unsupported(body)
+        sampling, stops, n_logprobs = sampling_of(body, eng.model, default_sampling), _stops(body.stop), \
+            _chat_logprobs(body)
+        requested = max_tokens_of(body)
+        fmt = getattr(body, "reasoning_format", None) or reasoning_format
+        prompt = await render_chat(eng, body)
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
-        max_tokens = cap_tokens(eng, len(tokens), requested, "messages")
-        parser = reasoning_parser_for(prompt, tmpl)
+        max_tokens, capped = cap(eng, len(tokens), requested, "messages")
+        parser = reasoning_parser_for(prompt, state.template) if fmt != "none" else None
         req = submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs)
+        return types.SimpleNamespace(eng=eng, name=name, req=req, parser=parser, tokens=tokens, stops=stops,
+                                     requested=requested, capped=capped, n_logprobs=n_logprobs)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
+        c = await start_chat(body)
+        eng, name, req, parser, tokens, stops, n_logprobs = c.eng, c.name, c.req, c.parser, c.tokens, c.stops, c.n_logprobs
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish: Optional[str] = None, entries=None) -> dict:
             lp = {"content": _chat_logprob_content(entries)} if entries is not None else None
             return {"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": name,
+                    "system_fingerprint": fingerprint,
                     "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         if body.stream:
@@ -745,11 +931,13 @@ def create_app(
                 return deltas(parser.feed(piece) if parser else [("content", piece)])
 
             async def events():
-                yield _sse(chunk({"role": "assistant", "content": ""}))
+                # content null in the first chunk, as llama-server sends it (the role alone)
+                yield _sse(chunk({"role": "assistant", "content": None}))
                 async for ev in sse(req, t0, include_usage, piece_events,
                                     lambda finish: chunk({}, finish, entries=(cursor.rest() or None) if cursor else None),
                                     lambda use: {"id": cid, "object": "chat.completion.chunk", "created": created_at,
-                                                 "model": name, "choices": [], "usage": use},
+                                                 "model": name, "system_fingerprint": fingerprint, "choices": [],
+                                                 "usage": use, "timings": timings_of(req.result)},
                                     flush=lambda: deltas(parser.finish()) if parser is not None else ()):
                     yield ev
 
@@ -762,10 +950,17 @@ def create_app(
         if reasoning is not None:
             message["reasoning_content"] = reasoning
         lp = {"content": _chat_logprob_content(req.logprobs)} if n_logprobs is not None else None
-        return {"id": cid, "object": "chat.completion", "created": created_at, "model": name,
-                "choices": [{"index": 0, "message": message, "logprobs": lp,
-                             "finish_reason": _FINISH[result.stop_reason]}],
-                "usage": usage(result)}
+        out = {"id": cid, "object": "chat.completion", "created": created_at, "model": name,
+               "system_fingerprint": fingerprint,
+               "choices": [{"index": 0, "message": message, "logprobs": lp,
+                            "finish_reason": _FINISH[result.stop_reason]}],
+               "usage": usage(result), "timings": timings_of(result)}
+        if body.verbose or verbose_responses:
+            out["__verbose"] = verbose_of(eng, req, result, tokens, name, body, stops, c.requested, c.capped)
+        return out
+
+    h.start_chat, h.finished, h.split, h.usage, h.fingerprint = start_chat, finished, split, usage, fingerprint
+    responses.register(app, h)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -774,7 +969,8 @@ def create_app(
         eng = engine_or_503()
         name = check_model(body.model)
         refuse_unsupported(body, also={"reasoning_effort": "a completion has no chat template to pass it to"})
-        sampling, stops, n_logprobs = sampling_of(body, eng.model), _stops(body.stop), _completion_logprobs(body)
+        sampling, stops, n_logprobs = (sampling_of(body, eng.model, default_sampling), _stops(body.stop),
+                                       _completion_logprobs(body))
         requested = max_tokens_of(body)
         if body.echo:
             raise APIError(400, "echo=true is not supported by this server", param="echo")
@@ -799,7 +995,7 @@ def create_app(
                 eng.model.check_tokens(tokens)
             except TokenizeError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
-        max_tokens = cap_tokens(eng, len(tokens), requested, "prompt")
+        max_tokens, capped = cap(eng, len(tokens), requested, "prompt")
         req = submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs)
         cid, created_at = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         text_offset = [0]
@@ -813,7 +1009,7 @@ def create_app(
 
         def obj(choices: list, **extra) -> dict:
             return {"id": cid, "object": "text_completion", "created": created_at, "model": name,
-                    "choices": choices, **extra}
+                    "system_fingerprint": fingerprint, "choices": choices, **extra}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -827,13 +1023,16 @@ def create_app(
 
             events = sse(req, t0, include_usage, piece_events,
                          lambda finish: obj([choice("", finish, (cursor.rest() or None) if cursor else None)]),
-                         lambda use: obj([], usage=use))
+                         lambda use: obj([], usage=use, timings=timings_of(req.result)))
 
             # The client going away (or shutdown's grace running out) cancels the sequence: KV cells freed.
             return _EventStream(events, req, metrics.cancelled.inc)
 
         result = await finished(request, req, t0)
-        return obj([choice(result.text, _FINISH[result.stop_reason], req.logprobs if n_logprobs is not None else None)],
-                   usage=usage(result))
+        out = obj([choice(result.text, _FINISH[result.stop_reason], req.logprobs if n_logprobs is not None else None)],
+                  usage=usage(result), timings=timings_of(result))
+        if body.verbose or verbose_responses:
+            out["__verbose"] = verbose_of(eng, req, result, tokens, name, body, stops, requested, capped)
+        return out
 
     return app

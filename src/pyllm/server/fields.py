@@ -8,6 +8,12 @@ sampler is off (``mirostat_tau`` without ``mirostat``), and any refused field se
 value (``mirostat: 0``, ``typical_p: 1``, ``tool_choice: "auto"``): clients that send every field with
 its default keep working. Names and forms are OpenAI's and llama-server's (``params_from_json`` in
 ``tools/server/server-schema.cpp`` and ``server-common.cpp`` at the pin).
+
+The same table serves llama-server's native ``/completion`` (pyllm.server.native), which honours three of
+its entries (``n_probs``, ``return_tokens``, ``response_fields``: ``refuse_unsupported(honoured=...)``), and
+the Responses API (pyllm.server.responses), whose requests become chat requests. ``verbose`` is honoured
+everywhere (``__verbose`` in the response) and ``reasoning_format`` takes ``none`` (the reasoning stays in
+``content``) besides ``auto``/``deepseek``.
 """
 from __future__ import annotations
 
@@ -80,16 +86,17 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_indent": (_off(0), "n_indent is not implemented"),
     "t_max_predict_ms": (_at_most(0), "t_max_predict_ms is not implemented"),
     "n_cache_reuse": (_off(0), "KV shifting (n_cache_reuse) is not implemented; a common prefix is reused"),
-    "n_probs": (_off(0), "use logprobs (OpenAI's form) instead"),
+    "n_probs": (_off(0), "use logprobs (OpenAI's form) here; llama-server's /completion takes n_probs"),
     "post_sampling_probs": (_off(False), "logprobs are the model's, before sampling"),
     "n_cmpl": (_off(1), "one completion per request (n=1)"),
-    "response_fields": (_empty, "the response has OpenAI's fields"),
-    "return_tokens": (_off(False), "the response has OpenAI's fields (logprobs carry the tokens)"),
+    "response_fields": (_empty, "the response has OpenAI's fields (llama-server's /completion takes it)"),
+    "return_tokens": (_off(False), "the response has OpenAI's fields (logprobs carry the tokens; llama-server's "
+                                   "/completion takes return_tokens)"),
     "return_progress": (_off(False), "prompt progress events are not sent"),
     "timings_per_token": (_off(False), "timings are not reported"),
-    "verbose": (_off(False), "the response has OpenAI's fields"),
     # reasoning and chat parsing beyond what this server does (split <think> into reasoning_content)
-    "reasoning_format": (_off("auto", "deepseek"), "reasoning is split into reasoning_content ('deepseek') only"),
+    "reasoning_format": (_off("auto", "deepseek", "none"), "reasoning is split into reasoning_content ('deepseek', "
+                                                           "'auto') or left in content ('none')"),
     "reasoning_budget_tokens": (_off(-1), "a reasoning budget is not implemented"),
     "thinking_budget_tokens": (_off(-1), "a reasoning budget is not implemented"),
     "reasoning_control": (_off(False), "a reasoning budget is not implemented"),
@@ -112,10 +119,13 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def refuse_unsupported(body, *, also: dict[str, str] = {}) -> None:  # noqa: B006 - read only
+def refuse_unsupported(body, *, also: dict[str, str] = {}, honoured: frozenset = frozenset()) -> None:  # noqa: B006
     """Raise FieldError for the first field of ``body`` that would change the output but is not
-    implemented (``REFUSED``, and ``also``: name -> why, refused whenever present)."""
+    implemented (``REFUSED``, and ``also``: name -> why, refused whenever present). ``honoured``: names of
+    ``REFUSED`` that this endpoint implements (llama-server's /completion honours ``n_probs``...)."""
     for name, (neutral, why) in REFUSED.items():
+        if name in honoured:
+            continue
         value = getattr(body, name, None)
         if not neutral(value):
             raise FieldError(f"{name}={_shown(value)} is not supported by this server: {why}", name)
@@ -146,17 +156,19 @@ def max_tokens_of(body) -> Optional[int]:
     return UNLIMITED if value == -1 else value
 
 
-def sampling_of(body, model) -> SamplingParams:
-    """The request's SamplingParams (llama.cpp's defaults for what it leaves out)."""
+def sampling_of(body, model, defaults: Optional[dict] = None) -> SamplingParams:
+    """The request's SamplingParams: its fields, else the server's ``defaults`` (``--temp``), else
+    llama.cpp's defaults."""
     if body.n is not None and body.n != 1:
         raise FieldError(f"n={body.n} is not supported; this server returns one choice (n=1)", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value not in (None, 0, 0.0):
             raise FieldError(f"{name}={value!r} is not supported; use repeat_penalty (llama.cpp's) instead", name)
-    kw = {f: getattr(body, f) for f in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+    kw = dict(defaults or {})
+    kw.update({f: getattr(body, f) for f in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
                                         "typical_p", "seed")
-          if getattr(body, f, None) is not None}
+          if getattr(body, f, None) is not None})
     if kw.get("seed") == -1:  # llama-server's "random"
         del kw["seed"]
     if body.logit_bias is not None:

@@ -96,8 +96,75 @@ class _EngineCollector:
         yield g
 
 
+class LlamaCppMetrics:
+    """llama-server's ``llamacpp:`` metrics (``server_task_result_metrics::to_metrics`` at the pin), from the
+    results of finished requests and the engine's counters, so its dashboards work unchanged:
+
+    counters: prompt_tokens_total (prompt tokens decoded, cached ones excluded), prompt_tokens_cached_total,
+    prompt_seconds_total, tokens_predicted_total, tokens_predicted_seconds_total, n_decode_total (the
+    engine's llama_decode steps), n_tokens_max (the longest sequence, prompt + generation), and the
+    speculative-decoding counters, which stay 0 (pyllm does not decode speculatively); gauges:
+    prompt_tokens_seconds and predicted_tokens_seconds (throughput of the requests finished since the
+    previous scrape, as llama-server's buckets), requests_processing, requests_deferred. llama-server's
+    n_busy_slots_per_decode is not reported: the engine does not count busy slots per step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = {"prompt_n": 0, "cache_n": 0, "prompt_s": 0.0, "predicted_n": 0, "predicted_s": 0.0}
+        self.bucket = dict(self.total)
+        self.n_tokens_max = 0
+
+    def record(self, result) -> None:
+        add = {"prompt_n": int(result.n_prompt_decoded), "cache_n": int(result.n_prompt_cached),
+               "prompt_s": result.prompt_ns / 1e9, "predicted_n": len(result.tokens), "predicted_s": result.gen_ns / 1e9}
+        with self._lock:
+            for k, v in add.items():
+                self.total[k] += v
+                self.bucket[k] += v
+            self.n_tokens_max = max(self.n_tokens_max, result.n_prompt + len(result.tokens))
+
+    def render(self, stats: Optional[dict]) -> str:
+        stats = stats or {}
+        with self._lock:
+            t, b, n_max = dict(self.total), self.bucket, self.n_tokens_max
+            self.bucket = dict.fromkeys(self.bucket, 0)   # the gauges cover the window between two scrapes
+        counters = [
+            ("prompt_tokens_total", "Number of prompt tokens processed, excluding cached tokens", t["prompt_n"]),
+            ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache", t["cache_n"]),
+            ("prompt_seconds_total", "Total time spent processing prompts", t["prompt_s"]),
+            ("tokens_predicted_total", "Number of generation tokens processed", t["predicted_n"]),
+            ("tokens_predicted_seconds_total", "Total time spent generating tokens", t["predicted_s"]),
+            ("n_decode_total", "Total number of llama_decode() calls", stats.get("steps_total", 0)),
+            ("n_tokens_max", "Largest observed sequence length (prompt + generation)", n_max),
+            ("spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated (no speculative "
+                                                   "decoding in pyllm)", 0),
+            ("spec_decode_num_accepted_tokens_total", "Speculative: Total draft tokens accepted by the target model "
+                                                      "(no speculative decoding in pyllm)", 0),
+            ("spec_decode_num_drafts_total", "Speculative: Total speculative decoding verification steps (no "
+                                             "speculative decoding in pyllm)", 0),
+        ]
+        gauges = [
+            ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
+             b["prompt_n"] / b["prompt_s"] if b["prompt_s"] > 0 else 0.0),
+            ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
+             b["predicted_n"] / b["predicted_s"] if b["predicted_s"] > 0 else 0.0),
+            ("requests_processing", "Number of requests processing", stats.get("active", 0)),
+            ("requests_deferred", "Number of requests deferred", stats.get("queued", 0)),
+        ]
+        lines = []
+        for kind, items in (("counter", counters), ("gauge", gauges)):
+            for name, doc, value in items:
+                lines += [f"# HELP llamacpp:{name} {doc}", f"# TYPE llamacpp:{name} {kind}",
+                          f"llamacpp:{name} {float(value)!r}"]
+        return "\n".join(lines) + "\n"
+
+
 class ServerMetrics:
     def __init__(self, get_engine: Callable[[], Any], kv_bytes: Callable[[], Optional[dict]]) -> None:
+        self.started = time.time()
+        self.llamacpp = LlamaCppMetrics()
+        self._get_engine = get_engine
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("pyllm_http_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -129,4 +196,6 @@ class ServerMetrics:
             self.itl.observe((b - a) / 1e9)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        engine = self._get_engine()
+        return generate_latest(self.registry) + self.llamacpp.render(
+            engine.stats() if engine is not None else None).encode()

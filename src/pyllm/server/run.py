@@ -22,7 +22,8 @@ SERVER_ENV_VARS: dict[str, str] = {
     "PYLLM_SHUTDOWN_GRACE": "seconds running requests may finish after SIGTERM (default 30)",
     "PYLLM_MAX_BODY_BYTES": f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
     "PYLLM_MAX_QUEUE": "requests that may wait for a free sequence before 503 (default 64)",
-    "PYLLM_DEFAULT_MAX_TOKENS": "max_tokens of requests that give none (default: n_ctx / n_parallel - prompt)",
+    "PYLLM_DEFAULT_MAX_TOKENS": "max_tokens of requests that give none; -1: as many as the context holds, as "
+                                "llama-server's -n -1 (default: n_ctx / n_parallel - prompt)",
     "PYLLM_SPECIAL_IN_MESSAGES": "1: parse control tokens written in message text, as llama-server does "
                                  "(default 0: message text is plain text; only the template's markup is special)",
 }
@@ -30,7 +31,7 @@ SERVER_ENV_VARS: dict[str, str] = {
 # (variable, field, minimum, maximum) of the integer settings.
 _INT_SETTINGS = (("PORT", "port", 0, 65535), ("PYLLM_MAX_BODY_BYTES", "max_body_bytes", 1024, INT32_MAX),
                  ("PYLLM_MAX_QUEUE", "max_queue", 0, 1_000_000),
-                 ("PYLLM_DEFAULT_MAX_TOKENS", "default_max_tokens", 1, INT32_MAX))
+                 ("PYLLM_DEFAULT_MAX_TOKENS", "default_max_tokens", -1, INT32_MAX))
 
 
 @dataclass
@@ -48,6 +49,16 @@ class ServeSettings:
     default_max_tokens: Optional[int] = None
     log_level: str = "info"
     special_in_messages: bool = False
+    default_temperature: Optional[float] = None   # --temp: for requests without a temperature
+    metrics: bool = True                          # --no-metrics: /metrics answers 501 (llama-server's default)
+    slots: bool = True                            # --no-slots: /slots answers 501
+    cors_origins: Optional[str] = None            # --cors-origins: None sends no CORS headers
+    tags: tuple = ()
+    jinja: bool = True                            # --no-jinja: llama.cpp's built-in chat formats
+    reasoning_format: str = "deepseek"            # --reasoning-format: deepseek (auto) or none
+    reasoning: str = "auto"                       # --reasoning: on | off | auto (enable_thinking's default)
+    verbose_responses: bool = False               # --verbose: '__verbose' in every completion response
+    any_model: bool = False                       # --any-model: requests may name any model (llama-server's way)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -56,9 +67,29 @@ class ServeSettings:
             self.api_key = None
         self.grace_s = check_seconds("grace", self.grace_s, maximum=3600, allow_zero=True)
         self.special_in_messages = check_bool("special_in_messages", self.special_in_messages)
+        for name in ("metrics", "slots", "jinja", "verbose_responses", "any_model"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        if self.reasoning_format == "auto":
+            self.reasoning_format = "deepseek"
+        if self.reasoning_format not in ("deepseek", "none"):
+            raise ConfigError(f"reasoning_format={self.reasoning_format!r} is not supported; expected auto, deepseek "
+                              "or none")
+        if self.reasoning not in ("on", "off", "auto"):
+            raise ConfigError(f"reasoning={self.reasoning!r} is not valid; expected on, off or auto")
+        if self.default_temperature is not None:
+            from pyllm.sampling import SamplingParams
+
+            SamplingParams(temperature=self.default_temperature)   # the same range as a request's
+        if self.cors_origins is not None:
+            from pyllm.server.cors import parse_origins
+
+            parse_origins(self.cors_origins)
         for _var, name, minimum, maximum in _INT_SETTINGS:
             if getattr(self, name) is not None or name != "default_max_tokens":
                 check_int(name, getattr(self, name), minimum=minimum, maximum=maximum)
+        if self.default_max_tokens == 0:
+            raise ConfigError("default_max_tokens=0 is out of range; expected -1 (as many as the context holds) or "
+                              "an integer >= 1")
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "ServeSettings":
@@ -82,13 +113,49 @@ class ServeSettings:
         return cls(**kw)
 
     @property
+    def hosts(self) -> list[str]:
+        """The addresses to bind: ``host`` is one, or several separated by commas (llama-server's --host)."""
+        return [h.strip() for h in self.host.split(",") if h.strip()]
+
+    @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
+        def loopback(host: str) -> bool:
+            if host == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(host.strip("[]")).is_loopback
+            except ValueError:
+                return False
+
+        return all(loopback(h) for h in self.hosts)
+
+    def bind(self) -> Optional[list]:
+        """Listening sockets when several addresses are given (uvicorn binds one host itself); None for one."""
+        if len(self.hosts) < 2:
+            return None
+        import socket
+
+        socks = []
         try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+            for host in self.hosts:
+                addr = host.strip("[]")
+                family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((addr, self.port))
+                except OSError as exc:
+                    raise ConfigError(f"host={self.host!r}: cannot bind {host} port {self.port}: {exc.strerror or exc}") from None
+                sock.listen(2048)
+                sock.set_inheritable(True)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
 
 
 def _uvicorn_server_class():
@@ -145,6 +212,11 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
         api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
         max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens, close_engine=True, on_load_error=load_failed,
         special_in_messages=settings.special_in_messages,
+        default_sampling={"temperature": settings.default_temperature} if settings.default_temperature is not None
+        else None,
+        metrics_endpoint=settings.metrics, slots_endpoint=settings.slots, cors_origins=settings.cors_origins,
+        tags=settings.tags, jinja=settings.jinja, reasoning_format=settings.reasoning_format,
+        reasoning=settings.reasoning, verbose_responses=settings.verbose_responses, any_model=settings.any_model,
     )
     import uvicorn
 
@@ -152,7 +224,7 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
                           timeout_graceful_shutdown=settings.grace_s, log_level=settings.log_level,
                           access_log=False, server_header=False)   # pyllm.server.access logs each request
     server = holder["server"] = _uvicorn_server_class()(ucfg)
-    server.run()
+    server.run(sockets=settings.bind())
     if failed:
         raise failed[0]
     return 0 if server.started else 1

@@ -62,6 +62,7 @@ class _Sampling(_Body):
     top_logprobs: Optional[int] = None
     ignore_eos: Optional[bool] = False              # llama-server's extension
     cache_prompt: Optional[bool] = None             # llama-server's extension (None: the server's setting)
+    verbose: Optional[bool] = None                  # llama-server's: '__verbose' (the native result) in the response
 
 
 class ChatCompletionRequest(_Sampling):
@@ -88,3 +89,24 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     tokens: list[int]
+
+
+class NativeCompletionRequest(_Sampling):
+    """llama-server's /completion: ``prompt`` in any of its forms (read by pyllm.server.native.prompt_list)."""
+
+    prompt: Any
+    n_probs: Optional[int] = None                   # top alternatives per token (completion_probabilities)
+    return_tokens: Optional[bool] = None            # the generated token ids in ``tokens``
+    response_fields: Optional[list[str]] = None     # only these fields ("a/b" = a nested field)
+
+
+class ApplyTemplateRequest(_Body):
+    """llama-server's /apply-template and /chat/completions/input_tokens: a conversation to render."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    messages: list[Message]
+    tools: Optional[list[dict[str, Any]]] = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[str] = None
