@@ -18,6 +18,8 @@ ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", 
 # Where the model's layers go and how: several GPUs of this box, llama.cpp RPC servers' devices, CPU repacking.
 SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
+# Long sessions (llama-server's names): the host-memory prompt cache and the slot save directory. Serve's.
+SESSION_FIELDS = ("cache_ram_mib", "slot_save_path")
 
 
 def _add_env_file_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
@@ -60,7 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_F
 
 
 _METAVARS = {"int": "N", "kv": "TYPE", "fa": "auto|on|off", "str": "VALUE", "bool": "1|0",
-             "split": "none|layer|row", "ts": "N,N,...", "rpc": "HOST:PORT,...", "seconds": "SECONDS"}
+             "split": "none|layer|row", "ts": "N,N,...", "rpc": "HOST:PORT,...", "seconds": "SECONDS",
+             "mib": "MiB", "dir": "DIR"}
 
 
 def _environment(args: argparse.Namespace):
@@ -86,6 +89,23 @@ def _config_from_args(args: argparse.Namespace, env=None, **overrides):
             sources[name] = setting.flags[0]
     kw.update(overrides)
     return EngineConfig.build(kw, {k: v for k, v in sources.items() if k not in overrides})
+
+
+def _engine_config(args: argparse.Namespace, env=None):
+    """The EngineConfig of a command that creates one engine (generate, chat, serve): as _config_from_args,
+    with KV_CACHE_TYPE / -ctk / -ctv ``auto`` resolved to the pair that fits (pyllm.plan.resolve_kv_auto,
+    which logs its choice; ``-v`` shows it)."""
+    config = _config_from_args(args, env)
+    if not config.kv_auto:
+        return config
+    from pyllm import plan
+    from pyllm.engine import gpu_layers_of, placement_of
+
+    config, choice = plan.resolve_kv_auto(config, model_path=_model_path(config), n_gpu_layers=gpu_layers_of(config),
+                                          placement=placement_of(config))
+    if not logging.getLogger("pyllm").isEnabledFor(logging.INFO):
+        print(f"pyllm: {choice.message()}", file=sys.stderr)
+    return config
 
 
 def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
@@ -168,7 +188,7 @@ def _print_chat_templates(as_json: bool) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pyllm.engine import Engine
 
-    config = _config_from_args(args)
+    config = _engine_config(args)
     sampling = _sampling_from_args(args)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
@@ -237,7 +257,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pyllm.engine import Engine
     from pyllm.errors import ConfigError
 
-    config = _config_from_args(args)
+    config = _engine_config(args)
     sampling = _sampling_from_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     out = sys.stdout
@@ -461,7 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'pyllm[server]'") from None
 
     env = _environment(args)
-    config = _config_from_args(args, env)
+    config = _engine_config(args, env)
     settings = ServeSettings.from_env(env, host=args.host, port=args.port, api_key=args.api_key,
                                       model_name=args.alias[0] if args.alias else None,
                                       aliases=tuple(args.alias[1:]) if args.alias else None, grace_s=args.grace,
@@ -474,7 +494,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')")
-    _add_model_args(p, ENGINE_FIELDS + ("n_parallel",))
+    _add_model_args(p, ENGINE_FIELDS + ("n_parallel",) + SESSION_FIELDS)
     p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="TCP port (env PORT; default 8080)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env PYLLM_API_KEY, preferred: "
