@@ -108,10 +108,13 @@ def _engine_config(args: argparse.Namespace, env=None):
     return config
 
 
-def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
+def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str],
+                        flash_attn: str = "auto") -> list[tuple[str, str]]:
     """-ctk > --kv-cache-type > KV_CACHE_TYPE_K > KV_CACHE_TYPE > the command's list; -ctv > KV_CACHE_TYPE_V,
-    absent = K = V pairs (see pyllm.config.kv_pairs)."""
-    from pyllm.config import kv_pairs, settings_from_env
+    absent = K = V pairs (see pyllm.config.kv_pairs). ``auto`` alone on a side (a .env written for serve, or
+    -ctk auto): the pairs auto chooses among (pyllm.plan.auto_kv_candidates), so plan, bench and kv-eval
+    compare exactly those."""
+    from pyllm.config import KV_AUTO, kv_pairs, settings_from_env
 
     from_env = settings_from_env(env, KV_FIELDS)
     env_k = from_env.get("kv_cache_type_k") or from_env.get("kv_cache_type")
@@ -119,6 +122,15 @@ def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str])
     types_v = args.kv_cache_type_v
     if types_v is None and args.kv_cache_type is None and "kv_cache_type_v" in from_env:
         types_v = [from_env["kv_cache_type_v"]]
+    low_k = [str(t).strip().lower() for t in types_k]
+    low_v = [str(t).strip().lower() for t in types_v] if types_v is not None else None
+    if KV_AUTO in low_k + (low_v or []) and len(low_k) == 1 and (low_v is None or len(low_v) == 1):
+        from pyllm.config import check_kv_type
+        from pyllm.plan import auto_kv_candidates
+
+        k = check_kv_type("-ctk", low_k[0], allow_auto=True)
+        v = k if low_v is None else check_kv_type("-ctv", low_v[0], allow_auto=True)
+        return auto_kv_candidates(k, v, flash_attn)
     return kv_pairs(types_k, types_v)
 
 
@@ -432,7 +444,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # with the batch sizes the same flags give a context of that size.
     batch = _config_from_args(args, env, n_ctx=0)
     result = plan.make_plan(
-        _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
+        _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"], config.flash_attn),
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
         n_batch=batch.n_batch, n_ubatch=batch.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
         placement=placement_of(config),

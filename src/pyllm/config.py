@@ -103,7 +103,8 @@ def check_kv_type(source: str, value: Any, *, allow_auto: bool = False) -> str:
         if is_auto:
             raise KVCacheConfigError(
                 f"{source}={value!r}: auto chooses one K/V pair before an engine loads (generate, chat, serve, or "
-                f"pyllm.plan.resolve_kv_auto); here a concrete type is needed, one of: {', '.join(KV_CACHE_TYPES)}")
+                f"pyllm.plan.resolve_kv_auto; alone on a side of plan, bench or kv-eval it lists the pairs auto "
+                f"tries); here a concrete type is needed, one of: {', '.join(KV_CACHE_TYPES)}")
         raise KVCacheConfigError(f"{source}={value!r} is not a KV cache type; expected one of: "
                                  f"{', '.join(KV_CACHE_TYPES)}" + (" or auto" if allow_auto else ""))
     return canon

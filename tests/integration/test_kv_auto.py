@@ -151,5 +151,17 @@ def test_generate_with_kv_cache_type_auto(default_model_path, totals, tmp_path):
                MODEL_PATH=str(default_model_path), **{FREE_MEMORY_HOOK_VAR: "1MiB"})
     assert bad.returncode == 1 and "pyllm: error: KV cache type auto: no K/V pair fits" in bad.stderr
     assert "| q4_0 | q4_0 |" in bad.stderr and "Traceback" not in bad.stderr
-    listed = _run(["plan", "-ctk", "auto"], tmp_path, MODEL_PATH=str(default_model_path))
-    assert listed.returncode == 1 and "auto chooses one K/V pair before an engine loads" in listed.stderr
+
+
+def test_list_commands_compare_the_pairs_auto_tries(default_model_path, tmp_path):
+    listed = _run(["plan", "--memory", "1GiB", "-c", "4096"], tmp_path, KV_CACHE_TYPE="auto",
+                  MODEL_PATH=str(default_model_path))
+    assert listed.returncode == 0, listed.stderr
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| [\d,]+ \| 4,096 \|", listed.stdout, re.M)
+    assert rows == [("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")]
+    one = _run(["plan", "--memory", "1GiB", "-c", "4096", "-ctk", "q8_0", "-ctv", "auto", "-fa", "off"], tmp_path,
+               MODEL_PATH=str(default_model_path))
+    assert one.returncode == 0, one.stderr
+    assert re.findall(r"^\| (\w+) \| (\w+) \| [\d,]+ \| 4,096 \|", one.stdout, re.M) == [("q8_0", "f16")]
+    mixed = _run(["plan", "-ctk", "auto,q8_0"], tmp_path, MODEL_PATH=str(default_model_path))
+    assert mixed.returncode == 1 and "auto chooses one K/V pair before an engine loads" in mixed.stderr

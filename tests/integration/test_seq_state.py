@@ -158,11 +158,13 @@ def test_a_state_needs_free_cells(model):
             small.seq_state_set(big.seq_state_get(0), 0)
 
 
-@pytest.mark.parametrize("k, v", [("f16", "f16"), ("q4_0", "q4_0")])
-def test_truncated_and_corrupted_states_never_abort(default_model_path, k, v):
-    """Thousands of truncated and byte-corrupted states, in a child process: llama.cpp refuses or loads each one
-    and the process never aborts; a loaded one still decodes, a refused one leaves the sequence empty."""
-    out = subprocess.run([sys.executable, str(HERE / "seq_state_fuzz.py"), str(default_model_path), k, v],
+@pytest.mark.slow
+def test_truncated_and_corrupted_states_never_abort(default_model_path):
+    """Thousands of truncated and byte-corrupted states, in a child process: each is refused (by pyllm's walk of
+    the layout or by llama.cpp) or loads, and the process never aborts; a loaded one still decodes, one llama.cpp
+    refused leaves the sequence empty. (The layout walk does not depend on the KV type; run the script with
+    q4_0 q4_0 for the quantized rows.)"""
+    out = subprocess.run([sys.executable, str(HERE / "seq_state_fuzz.py"), str(default_model_path), "f16", "f16"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"exit {out.returncode} (negative: killed by a signal)\n{out.stderr[-3000:]}"
     counts = json.loads(out.stdout.strip().splitlines()[-1])
@@ -343,6 +345,7 @@ with Model(sys.argv[1]) as m, Context(m, n_ctx=2048, n_batch=2048) as ctx:
 """
 
 
+@pytest.mark.slow
 def test_sigterm_while_saving_never_leaves_a_half_written_file(default_model_path, model, tmp_path):
     """A process saving a 1500-token state in a loop is killed by SIGTERM at several moments: whatever is at the
     file's name is always a whole file that loads."""
