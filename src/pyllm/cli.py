@@ -18,6 +18,8 @@ ENGINE_FIELDS = ("model_path", "chat_template", "n_ctx", "n_batch", "n_ubatch", 
 # Where the model's layers go and how: several GPUs of this box, llama.cpp RPC servers' devices, CPU repacking.
 SPLIT_FIELDS = ("split_mode", "tensor_split", "main_gpu", "rpc_servers", "rpc_timeout", "repack")
 KV_FIELDS = ("kv_cache_type", "kv_cache_type_k", "kv_cache_type_v")
+# Long sessions (llama-server's names): the host-memory prompt cache and the slot save directory. Serve's.
+SESSION_FIELDS = ("cache_ram_mib", "slot_save_path")
 
 
 def _add_env_file_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
@@ -60,7 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser, fields: Sequence[str] = ENGINE_F
 
 
 _METAVARS = {"int": "N", "kv": "TYPE", "fa": "auto|on|off", "str": "VALUE", "bool": "1|0",
-             "split": "none|layer|row", "ts": "N,N,...", "rpc": "HOST:PORT,...", "seconds": "SECONDS"}
+             "split": "none|layer|row", "ts": "N,N,...", "rpc": "HOST:PORT,...", "seconds": "SECONDS",
+             "mib": "MiB", "dir": "DIR"}
 
 
 def _environment(args: argparse.Namespace):
@@ -88,10 +91,30 @@ def _config_from_args(args: argparse.Namespace, env=None, **overrides):
     return EngineConfig.build(kw, {k: v for k, v in sources.items() if k not in overrides})
 
 
-def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str]) -> list[tuple[str, str]]:
+def _engine_config(args: argparse.Namespace, env=None):
+    """The EngineConfig of a command that creates one engine (generate, chat, serve): as _config_from_args,
+    with KV_CACHE_TYPE / -ctk / -ctv ``auto`` resolved to the pair that fits (pyllm.plan.resolve_kv_auto,
+    which logs its choice; ``-v`` shows it)."""
+    config = _config_from_args(args, env)
+    if not config.kv_auto:
+        return config
+    from pyllm import plan
+    from pyllm.engine import gpu_layers_of, placement_of
+
+    config, choice = plan.resolve_kv_auto(config, model_path=_model_path(config), n_gpu_layers=gpu_layers_of(config),
+                                          placement=placement_of(config))
+    if not logging.getLogger("pyllm").isEnabledFor(logging.INFO):
+        print(f"pyllm: {choice.message()}", file=sys.stderr)
+    return config
+
+
+def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str],
+                        flash_attn: str = "auto") -> list[tuple[str, str]]:
     """-ctk > --kv-cache-type > KV_CACHE_TYPE_K > KV_CACHE_TYPE > the command's list; -ctv > KV_CACHE_TYPE_V,
-    absent = K = V pairs (see pyllm.config.kv_pairs)."""
-    from pyllm.config import kv_pairs, settings_from_env
+    absent = K = V pairs (see pyllm.config.kv_pairs). ``auto`` alone on a side (a .env written for serve, or
+    -ctk auto): the pairs auto chooses among (pyllm.plan.auto_kv_candidates), so plan, bench and kv-eval
+    compare exactly those."""
+    from pyllm.config import KV_AUTO, kv_pairs, settings_from_env
 
     from_env = settings_from_env(env, KV_FIELDS)
     env_k = from_env.get("kv_cache_type_k") or from_env.get("kv_cache_type")
@@ -99,6 +122,15 @@ def _kv_pairs_from_args(args: argparse.Namespace, env, default_k: Sequence[str])
     types_v = args.kv_cache_type_v
     if types_v is None and args.kv_cache_type is None and "kv_cache_type_v" in from_env:
         types_v = [from_env["kv_cache_type_v"]]
+    low_k = [str(t).strip().lower() for t in types_k]
+    low_v = [str(t).strip().lower() for t in types_v] if types_v is not None else None
+    if KV_AUTO in low_k + (low_v or []) and len(low_k) == 1 and (low_v is None or len(low_v) == 1):
+        from pyllm.config import check_kv_type
+        from pyllm.plan import auto_kv_candidates
+
+        k = check_kv_type("-ctk", low_k[0], allow_auto=True)
+        v = k if low_v is None else check_kv_type("-ctv", low_v[0], allow_auto=True)
+        return auto_kv_candidates(k, v, flash_attn)
     return kv_pairs(types_k, types_v)
 
 
@@ -168,7 +200,7 @@ def _print_chat_templates(as_json: bool) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pyllm.engine import Engine
 
-    config = _config_from_args(args)
+    config = _engine_config(args)
     sampling = _sampling_from_args(args)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     with Engine(config) as engine:
@@ -237,7 +269,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pyllm.engine import Engine
     from pyllm.errors import ConfigError
 
-    config = _config_from_args(args)
+    config = _engine_config(args)
     sampling = _sampling_from_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     out = sys.stdout
@@ -414,7 +446,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # with the batch sizes the same flags give a context of that size.
     batch = _config_from_args(args, env, n_ctx=0)
     result = plan.make_plan(
-        _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"]),
+        _model_path(config), pairs=_kv_pairs_from_args(args, env, ["f16", "q8_0", "q4_0"], config.flash_attn),
         n_ctx=config.n_ctx, memory=args.memory, n_gpu_layers=gpu_layers_of(config),
         n_batch=batch.n_batch, n_ubatch=batch.n_ubatch, flash_attn=config.flash_attn, curves=bool(args.plot),
         placement=placement_of(config),
@@ -463,7 +495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'pyllm[server]'") from None
 
     env = _environment(args)
-    config = _config_from_args(args, env)
+    config = _engine_config(args, env)
     names = _comma_list(args.alias)
     settings = ServeSettings.from_env(env, host=args.host, port=args.port, api_key=args.api_key,
                                       model_name=names[0] if names else None,
@@ -493,7 +525,7 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'pyllm[server]')",
                        description="An OpenAI-compatible HTTP server that also answers llama-server's own endpoints "
                                    "(/completion, /props, /slots, /tokenize, /apply-template) and takes its flags.")
-    _add_model_args(p, ENGINE_FIELDS + ("n_parallel", "kv_unified"))
+    _add_model_args(p, ENGINE_FIELDS + ("n_parallel", "kv_unified") + SESSION_FIELDS)
     p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="TCP port (env PORT; default 8080)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' or 'X-Api-Key: KEY' (env PYLLM_API_KEY, "

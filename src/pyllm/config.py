@@ -24,6 +24,13 @@ from pyllm.errors import ConfigError, KVCacheConfigError
 from pyllm.kvtypes import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, is_quantized, normalize_kv_cache_type, unquantized_types
 
 FLASH_ATTN_VALUES = ("auto", "on", "off")
+# KV_CACHE_TYPE=auto / -ctk auto / -ctv auto: the highest-fidelity K/V pair whose context fits the free memory,
+# chosen with pyllm plan's measurements before the model loads (pyllm.plan.choose_kv_types).
+KV_AUTO = "auto"
+# --cache-ram / LLAMA_ARG_CACHE_RAM (llama-server's flag and variable): MiB of host memory for cached prompt
+# states; -1 no limit, 0 off. llama-server's default is 8192; pyllm's is that, capped at a quarter of the
+# machine's physical memory (6144 MiB on a 24 GiB machine), so the cache never crowds out weights and KV cache.
+LLAMA_SERVER_CACHE_RAM_MIB = 8192
 SPLIT_MODES = ("none", "layer", "row")
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 2048
@@ -85,12 +92,61 @@ def check_seconds(source: str, value: Any, *, maximum: float, allow_zero: bool =
     return float(value)
 
 
-def check_kv_type(source: str, value: Any) -> str:
-    """The canonical name of a KV cache type; KVCacheConfigError naming ``source`` otherwise."""
+def check_kv_type(source: str, value: Any, *, allow_auto: bool = False) -> str:
+    """The canonical name of a KV cache type (or ``auto`` where ``allow_auto``: a setting an engine resolves
+    before it loads); KVCacheConfigError naming ``source`` otherwise."""
     canon = normalize_kv_cache_type(value)
     if canon is None:
-        raise KVCacheConfigError(f"{source}={value!r} is not a KV cache type; expected one of: {', '.join(KV_CACHE_TYPES)}")
+        is_auto = isinstance(value, str) and value.strip().lower() == KV_AUTO
+        if is_auto and allow_auto:
+            return KV_AUTO
+        if is_auto:
+            raise KVCacheConfigError(
+                f"{source}={value!r}: auto chooses one K/V pair before an engine loads (generate, chat, serve, or "
+                f"pyllm.plan.resolve_kv_auto; alone on a side of plan, bench or kv-eval it lists the pairs auto "
+                f"tries); here a concrete type is needed, one of: {', '.join(KV_CACHE_TYPES)}")
+        raise KVCacheConfigError(f"{source}={value!r} is not a KV cache type; expected one of: "
+                                 f"{', '.join(KV_CACHE_TYPES)}" + (" or auto" if allow_auto else ""))
     return canon
+
+
+def physical_memory_bytes() -> Optional[int]:
+    """This machine's physical memory (sysconf's pages x page size), None where the system does not say."""
+    try:
+        n = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return n if n > 0 else None
+
+
+def default_cache_ram_mib(physical: Optional[int] = None) -> int:
+    """--cache-ram's default: llama-server's 8192 MiB, at most a quarter of physical memory (6144 on 24 GiB)."""
+    physical = physical_memory_bytes() if physical is None else physical
+    if physical is None:
+        return LLAMA_SERVER_CACHE_RAM_MIB
+    return max(1, min(LLAMA_SERVER_CACHE_RAM_MIB, physical // 4 // 2**20))
+
+
+def check_cache_ram(source: str, value: Any, *, physical: Optional[int] = None) -> int:
+    """--cache-ram in MiB: -1 (no limit), 0 (off), or up to the machine's physical memory."""
+    value = check_int(source, value, minimum=-1, what=" MiB (-1 = no limit, 0 = off)", text=True)
+    physical = physical_memory_bytes() if physical is None else physical
+    if physical is not None and value > physical // 2**20:
+        raise ConfigError(f"{source}={value} MiB is more than this machine's physical memory "
+                          f"({physical // 2**20:,} MiB); expected -1 (no limit), 0 (off) or at most "
+                          f"{physical // 2**20} MiB (default {default_cache_ram_mib(physical)})")
+    return value
+
+
+def check_directory(source: str, value: Any) -> str:
+    """An existing directory (llama-server's --slot-save-path refuses anything else: 'not a directory')."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{source}={value!r} is not a path; expected an existing directory")
+    path = os.fspath(value)
+    if not os.path.isdir(path):
+        what = "does not exist" if not os.path.exists(path) else "is not a directory"
+        raise ConfigError(f"{source}={path!r} {what}; expected an existing directory (create it first)")
+    return path
 
 
 def check_flash_attn(source: str, value: Any) -> str:
@@ -135,7 +191,7 @@ def check_tensor_split(source: str, value: Any) -> Optional[tuple[float, ...]]:
 
 def check_v_needs_flash_attn(type_v: str, flash_attn: str) -> None:
     """llama.cpp refuses a quantized V cache without flash attention."""
-    if flash_attn == "off" and is_quantized(type_v):
+    if flash_attn == "off" and type_v != KV_AUTO and is_quantized(type_v):
         raise KVCacheConfigError(
             f"quantized V cache ({type_v}) requires flash attention, but flash_attn is 'off'; "
             f"use -fa on or auto (FLASH_ATTN), or an unquantized V type ({', '.join(unquantized_types())})"
@@ -252,14 +308,18 @@ class Setting:
     field: str
     env: Optional[str]
     flags: tuple[str, ...]
-    kind: str                      # int | bool | kv | fa | str | split | ts | rpc | seconds
+    kind: str                      # int | bool | kv | fa | str | split | ts | rpc | seconds | mib | dir
     help: str
     minimum: int = 0
     off_flags: tuple[str, ...] = ()    # a bool's flags that turn it off, as llama.cpp's --no-X
 
     def parse(self, raw: Any, source: str) -> Any:
         if self.kind == "kv":
-            return check_kv_type(source, raw)
+            return check_kv_type(source, raw, allow_auto=True)
+        if self.kind == "mib":
+            return check_cache_ram(source, raw)
+        if self.kind == "dir":
+            return check_directory(source, raw)
         if self.kind == "fa":
             return check_flash_attn(source, raw)
         if self.kind == "bool":
@@ -306,11 +366,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flash_attn", "FLASH_ATTN", ("-fa", "--flash-attn"), "fa",
             "flash attention: auto, on, off (default auto: on where supported, required by a quantized V)"),
     Setting("kv_cache_type", "KV_CACHE_TYPE", ("--kv-cache-type",), "kv",
-            f"K and V cache type: {' '.join(KV_CACHE_TYPES)} (default f16)"),
+            f"K and V cache type: {' '.join(KV_CACHE_TYPES)} (default f16); auto: the highest-fidelity pair "
+            "whose context fits the free memory (generate, chat, serve)"),
     Setting("kv_cache_type_k", "KV_CACHE_TYPE_K", ("-ctk", "--cache-type-k"), "kv",
-            "K cache type (overrides KV_CACHE_TYPE for K)"),
+            "K cache type (overrides KV_CACHE_TYPE for K; auto: chosen to fit)"),
     Setting("kv_cache_type_v", "KV_CACHE_TYPE_V", ("-ctv", "--cache-type-v"), "kv",
-            "V cache type (overrides KV_CACHE_TYPE for V)"),
+            "V cache type (overrides KV_CACHE_TYPE for V; auto: chosen to fit)"),
     Setting("split_mode", "LLAMA_SPLIT_MODE", ("-sm", "--split-mode"), "split",
             "how to split the model over several devices: none (main GPU only), layer, row (default layer)"),
     Setting("tensor_split", "LLAMA_TENSOR_SPLIT", ("-ts", "--tensor-split"), "ts",
@@ -331,6 +392,12 @@ SETTINGS: tuple[Setting, ...] = (
             "allows it (llama.cpp's experimental backend sampling; greedy, top-k, top-p, min-p, temperature, "
             "penalties, logit bias, dist), else on the CPU per request (default off)",
             off_flags=("--no-backend-sampling",)),
+    Setting("cache_ram_mib", "LLAMA_ARG_CACHE_RAM", ("-cram", "--cache-ram"), "mib",
+            f"MiB of host memory for cached prompt states (llama-server's --cache-ram; -1 = no limit, 0 = off; "
+            f"default {LLAMA_SERVER_CACHE_RAM_MIB}, at most a quarter of physical memory)", -1),
+    Setting("slot_save_path", "LLAMA_ARG_SLOT_SAVE_PATH", ("--slot-save-path",), "dir",
+            "directory for saved slot states (POST /slots/{id}?action=save|restore; default: disabled); "
+            "it must exist"),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.env: s.help for s in SETTINGS if s.env}
@@ -369,6 +436,9 @@ class EngineConfig:
     rpc_timeout: float = 120.0                # --rpc-timeout: seconds per RPC command (then the process ends)
     repack: bool = True                       # --repack / -nr, --no-repack: CPU weight repacking (use_extra_bufts)
     backend_sampling: bool = False            # -bs: sampler chains run in the decode graph where they can
+    cache_ram_mib: Optional[int] = None       # --cache-ram: MiB for cached prompt states; -1 no limit, 0 off;
+                                              # None: default_cache_ram_mib() (8192, <= a quarter of physical RAM)
+    slot_save_path: Optional[str] = None      # --slot-save-path: an existing directory for slot files; None: off
     # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
     # errors found later, e.g. a model file that does not exist.
     sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -397,7 +467,7 @@ class EngineConfig:
         self.flash_attn = check_flash_attn("flash_attn", self.flash_attn)
         for name in ("kv_cache_type_k", "kv_cache_type_v"):
             if getattr(self, name) is not None:
-                setattr(self, name, check_kv_type(name, getattr(self, name)))
+                setattr(self, name, check_kv_type(self.source(name), getattr(self, name), allow_auto=True))
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         check_v_needs_flash_attn(self.effective_type_v, self.flash_attn)
@@ -408,6 +478,16 @@ class EngineConfig:
 
         self.rpc_servers = check_rpc_servers("rpc_servers", self.rpc_servers)
         self.rpc_timeout = check_seconds("rpc_timeout", self.rpc_timeout, maximum=86400)
+        self.cache_ram_mib = (default_cache_ram_mib() if self.cache_ram_mib is None
+                              else check_cache_ram(self.source("cache_ram_mib"), self.cache_ram_mib))
+        if self.slot_save_path is not None:
+            self.slot_save_path = check_directory(self.source("slot_save_path"), self.slot_save_path)
+
+    @property
+    def kv_auto(self) -> bool:
+        """Whether K or V is ``auto``: the config must go through pyllm.plan.resolve_kv_auto before a context
+        is created from it."""
+        return KV_AUTO in (self.kv_cache_type_k, self.kv_cache_type_v)
 
     @property
     def effective_type_k(self) -> str:

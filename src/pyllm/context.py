@@ -21,6 +21,7 @@ from pyllm.errors import (
     ContextFullError,
     KVCacheConfigError,
     PyllmError,
+    SequenceStateError,
     check_decode,
 )
 from pyllm.config import (N_CTX_PAD, check_bool, check_flash_attn, check_int, check_kv_type, check_parallel,
@@ -30,6 +31,111 @@ from pyllm.model import Model
 from pyllm.sampling import argmax_biased
 
 logger = logging.getLogger("pyllm")
+
+# llama_state_seq_get_data_ext's own header: a magic number and the saved sequence's id (llama-context.cpp,
+# io_magic), before the memory's streams; every sequence state starts with these 8 bytes.
+SEQ_STATE_MAGIC = 0xAF143CD8
+SEQ_STATE_HEADER_BYTES = 8
+LLAMA_MAX_SEQ = 256
+
+
+def seq_state_flags() -> dict[str, int]:
+    """The LLAMA_STATE_SEQ_FLAGS_* values this binding accepts, read from the compiled library: ``none`` (every
+    cell of the sequence) and ``partial_only`` (the sliding-window / recurrent part alone, what llama-server's
+    checkpoints save). ``LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`` is refused (see :meth:`Context.seq_state_get`)."""
+    return {"none": int(lib.LLAMA_STATE_SEQ_FLAGS_NONE), "partial_only": int(lib.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)}
+
+
+def check_seq_state_layout(data, *, n_cells_max: int) -> int:
+    """Walk a sequence state as llama.cpp's KV caches write it (llama-kv-cache.cpp ``state_write``: per cache
+    the stream count; per stream the cell count, each cell's position, sequence count, optional cell extension
+    (M-RoPE, 12 bytes) and sequence ids, the V transposition flag, the layer count, then per layer a type and a
+    row size before the rows) and return the number of cells it holds; SequenceStateError when it does not parse
+    to exactly its length, or when its cells are not ones llama.cpp could have written for one sequence: a
+    sequence count other than 1, a sequence id outside [0, 256), a position outside [0, 2**31 - 1), and (cells
+    without an extension) positions that are not one run without holes or repeats ending at the same last
+    position in every cache: llama.cpp's own invariant (llama_kv_cache::apply_ubatch keeps every position
+    between a sequence's first and last in the cache; a sliding-window cache keeps the run's end).
+
+    llama.cpp itself checks the stream and layer counts, types and row sizes, but takes positions as they come:
+    a cell at a negative position or at 2**31 - 1 is out of reach of every later removal (seq_rm covers
+    [0, 2**31 - 1)) and stays in the cache for good, and a position far beyond the others makes the next token
+    land there. tests/integration/seq_state_fuzz.py found both. ``n_cells_max``: the context's cells."""
+    buf = memoryview(data).cast("B")
+    size = len(buf)
+
+    def bad(why: str) -> SequenceStateError:
+        return SequenceStateError(f"corrupt sequence state ({size} bytes): {why}")
+
+    def u32(off: int) -> int:
+        if off + 4 > size:
+            raise bad(f"truncated at byte {off}")
+        return int.from_bytes(buf[off:off + 4], "little")
+
+    def walk(ext: int) -> int:
+        off, n_cells, last = SEQ_STATE_HEADER_BYTES, 0, set()
+        while off < size:                                   # one memory (cache) after another
+            n_stream = u32(off)
+            off += 4
+            if not 0 < n_stream <= LLAMA_MAX_SEQ:
+                raise bad(f"{n_stream} KV streams")
+            for _ in range(n_stream):
+                cells = u32(off)
+                off += 4
+                if cells == 0:
+                    continue
+                if cells > n_cells_max:
+                    raise bad(f"{cells} cells, more than the context's {n_cells_max}")
+                stride = 12 + ext
+                if off + cells * stride > size:
+                    raise bad(f"truncated in the metadata of {cells} cells")
+                meta = np.frombuffer(buf[off:off + cells * stride], dtype="<i4").reshape(cells, stride // 4)
+                off += cells * stride
+                pos, n_seq, seq = meta[:, 0], meta[:, 1], meta[:, -1]
+                if (n_seq != 1).any():
+                    raise bad("a cell of a one-sequence state with another sequence count than 1")
+                if ((pos < 0) | (pos >= 2**31 - 1)).any():
+                    raise bad(f"position {int(pos.min() if (pos < 0).any() else pos.max())} outside [0, 2**31 - 1)")
+                if ((seq < 0) | (seq >= LLAMA_MAX_SEQ)).any():
+                    raise bad("a sequence id outside [0, 256)")
+                lo, hi = int(pos.min()), int(pos.max())
+                if not ext and (hi - lo + 1 != cells or len(np.unique(pos)) != cells):
+                    raise bad(f"{cells} cells at positions {lo}..{hi}: not one run without holes or repeats")
+                last.add(hi)
+                n_cells += cells
+                v_trans, n_layer = u32(off), u32(off + 4)
+                off += 8
+                if v_trans > 1 or n_layer > 4096:
+                    raise bad(f"v_trans={v_trans}, n_layer={n_layer}")
+                for side in ("K", "V"):
+                    for _ in range(n_layer):
+                        off += 4                            # the layer's type (llama.cpp compares it)
+                        if side == "V" and v_trans:
+                            row = u32(off) * u32(off + 4)   # element size x embedding size
+                        else:
+                            row = u32(off) | u32(off + 4) << 32
+                        off += 8
+                        if row > 1 << 32 or off + cells * row > size:
+                            raise bad(f"truncated in the {side} rows (row size {row}, {cells} cells)")
+                        off += cells * row
+        if len(last) > 1 and not ext:
+            raise bad(f"the caches end at different positions {sorted(last)}")
+        return n_cells
+
+    try:
+        return walk(0)
+    except SequenceStateError as plain:
+        try:
+            return walk(12)
+        except SequenceStateError:
+            raise plain from None
+
+
+def _native_reason(lines: list[str]) -> str:
+    """What llama.cpp logged during a state call, root cause first (its wrappers repeat it generically)."""
+    picked = [ln.strip() for ln in lines if ln.strip()][:3]
+    return "; ".join(picked) or "llama.cpp gave no reason"
+
 
 _FA = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED", "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
 _MIB = 1024 * 1024
@@ -494,6 +600,129 @@ class Context(NativeHandle):
 
     def state_size(self) -> int:
         return int(lib.llama_state_get_size(self.ptr))
+
+    # ---- one sequence's state (llama_state_seq_*_ext) ----
+    def _check_seq_args(self, seq_id: int, flags: int) -> None:
+        self.ptr  # raises ClosedError after close()
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.n_seq_max:
+            raise SequenceStateError(f"seq_id={seq_id!r} is out of range; this context holds n_seq_max="
+                                     f"{self.n_seq_max} sequences: expected an integer 0 <= seq_id < {self.n_seq_max}")
+        known = seq_state_flags()
+        if isinstance(flags, bool) or not isinstance(flags, int) or flags not in known.values():
+            on_device = isinstance(flags, int) and flags & int(lib.LLAMA_STATE_SEQ_FLAGS_ON_DEVICE)
+            why = (" (LLAMA_STATE_SEQ_FLAGS_ON_DEVICE is refused: its bytes only point at copies kept on the device, "
+                   "and llama.cpp aborts the process when such bytes are stale or from another sequence)"
+                   if on_device else "")
+            raise SequenceStateError(f"flags={flags!r} is not a sequence-state flag this binding accepts{why}; "
+                                     "expected " + " or ".join(f"{v} ({k})" for k, v in known.items()))
+
+    def seq_state_size(self, seq_id: int = 0, flags: int = 0) -> int:
+        """Bytes :meth:`seq_state_get` returns for sequence ``seq_id`` now (llama_state_seq_get_size_ext): its
+        cells' positions and K/V rows, in the cache's own types, plus a small header. Grows with the tokens the
+        sequence holds (with a sliding window, only the cells still inside it). Raises SequenceStateError for a
+        bad ``seq_id``/``flags``, ClosedError after close()."""
+        self._check_seq_args(seq_id, flags)
+        p = self._enter()
+        try:
+            with native_log.capture() as lines:
+                n = int(lib.llama_state_seq_get_size_ext(p, seq_id, flags))
+        finally:
+            self._busy.release()
+        if n == 0:
+            raise SequenceStateError(f"llama.cpp could not size the state of sequence {seq_id}: "
+                                     f"{_native_reason(lines)}")
+        return n
+
+    def seq_state_get(self, seq_id: int = 0, flags: int = 0) -> bytes:
+        """A copy of sequence ``seq_id``'s KV state in host memory (llama_state_seq_get_data_ext), for
+        :meth:`seq_state_set` on a context of the same model file, K/V types, flash-attention setting (the V
+        layout) and KV layout (unified or split streams), in this build. ``flags``: 0 (every cell) or
+        ``seq_state_flags()["partial_only"]`` (the sliding-window part only); restore with the same flags.
+        LLAMA_STATE_SEQ_FLAGS_ON_DEVICE is refused (its restore aborts the process on stale bytes)."""
+        self._check_seq_args(seq_id, flags)
+        p = self._enter()
+        try:
+            with native_log.capture() as lines:
+                size = int(lib.llama_state_seq_get_size_ext(p, seq_id, flags))
+                buf = ffi.new("uint8_t[]", size) if size else None
+                n = int(lib.llama_state_seq_get_data_ext(p, buf, size, seq_id, flags)) if size else 0
+        finally:
+            self._busy.release()
+        if n == 0 or n != size:
+            raise SequenceStateError(f"llama.cpp could not copy the state of sequence {seq_id} ({n} of {size} "
+                                     f"bytes): {_native_reason(lines)}")
+        return ffi.buffer(buf, n)[:]
+
+    def seq_state_set(self, data, seq_id: int = 0, flags: int = 0) -> int:
+        """Restore a state from :meth:`seq_state_get` into sequence ``seq_id`` (llama_state_seq_set_data_ext),
+        replacing what it held; returns the tokens it now holds (its last position + 1). ``data``: bytes-like.
+
+        Checked here first: the context is open, ``seq_id``/``flags`` are valid, ``data`` is not empty, starts
+        with llama.cpp's sequence-state header (magic number, a saved sequence id below 256) and walks as a KV
+        cache state to exactly its length with cells llama.cpp could have written (:func:`check_seq_state_layout`;
+        skipped for recurrent and hybrid models, whose states have another layout). llama.cpp checks the rest
+        (stream count, K/V types and row sizes per layer, V transposition, free cells) and refuses, never aborts,
+        on a mismatch or truncation (tests/integration/seq_state_fuzz.py truncates and corrupts states to hold
+        this). A state llama.cpp refuses raises SequenceStateError with its reason and leaves sequence ``seq_id``
+        EMPTY (the message says so); one refused by the checks here leaves it as it was. Bytes that pass every
+        check but were altered (a flipped bit in a K row) load as they are: use
+        :func:`pyllm.seqstate.load_sequence_file`, whose files carry a checksum, for data from outside."""
+        self._check_seq_args(seq_id, flags)
+        if isinstance(data, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SequenceStateError(f"sequence state must be bytes-like (bytes, bytearray, memoryview), "
+                                     f"got {type(data).__name__}")
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
+        if len(view) == 0:
+            raise SequenceStateError("sequence state is empty (0 bytes); expected bytes from Context.seq_state_get")
+        if len(view) < SEQ_STATE_HEADER_BYTES:
+            raise SequenceStateError(f"sequence state is truncated: {len(view)} bytes, shorter than llama.cpp's "
+                                     f"{SEQ_STATE_HEADER_BYTES}-byte header")
+        magic = int.from_bytes(bytes(view[:4]), "little")
+        saved_seq = int.from_bytes(bytes(view[4:8]), "little", signed=True)
+        if magic != SEQ_STATE_MAGIC:
+            raise SequenceStateError(f"not a llama.cpp sequence state: magic 0x{magic:08x}, expected "
+                                     f"0x{SEQ_STATE_MAGIC:08x}")
+        if not 0 <= saved_seq < LLAMA_MAX_SEQ:
+            raise SequenceStateError(f"corrupt sequence state: saved sequence id {saved_seq} is outside "
+                                     f"[0, {LLAMA_MAX_SEQ})")
+        if not (lib.llama_model_is_recurrent(self.model.ptr) or lib.llama_model_is_hybrid(self.model.ptr)):
+            check_seq_state_layout(view, n_cells_max=self.n_ctx)   # recurrent states have another layout
+        src = ffi.from_buffer("uint8_t[]", view)
+        p = self._enter()
+        try:
+            with native_log.capture() as lines:
+                n = int(lib.llama_state_seq_set_data_ext(p, src, len(view), seq_id, flags))
+            if n != len(view):
+                # A refusal may come before or after llama.cpp removed the sequence's cells (it removes them
+                # once the header parses), and a partial read (bytes left over) is a failure as in llama-server:
+                # either way the sequence ends empty, one state for every failure.
+                lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            n_tokens = int(lib.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+            if seq_id == 0:
+                self.n_past = n_tokens
+        finally:
+            self._busy.release()
+        if n == 0:
+            raise SequenceStateError(f"llama.cpp refused the state for sequence {seq_id} ({len(view)} bytes), "
+                                     f"which is now empty: {_native_reason(lines)}")
+        if n != len(view):
+            raise SequenceStateError(f"sequence state has {len(view) - n} bytes after the {n} llama.cpp read "
+                                     f"(corrupt or not one state); sequence {seq_id} is now empty")
+        return n_tokens
+
+    def seq_clear(self, seq_id: int = 0) -> None:
+        """Remove every cell of sequence ``seq_id`` (llama_memory_seq_rm over all positions)."""
+        self._check_seq_args(seq_id, 0)
+        lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        if seq_id == 0:
+            self.n_past = 0
+
+    def seq_pos_range(self, seq_id: int = 0) -> tuple[int, int]:
+        """(first, last) position sequence ``seq_id`` holds in the KV cache (llama_memory_seq_pos_min/max),
+        (-1, -1) when it is empty. With a sliding window, ``first`` moves up as old cells leave the window."""
+        self._check_seq_args(seq_id, 0)
+        return (int(lib.llama_memory_seq_pos_min(self._memory, seq_id)),
+                int(lib.llama_memory_seq_pos_max(self._memory, seq_id)))
 
     def perf(self) -> dict:
         d = lib.llama_perf_context(self.ptr)

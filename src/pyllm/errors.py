@@ -54,6 +54,21 @@ class ContextFullError(PyllmError, ValueError):
     """The prompt plus the requested tokens do not fit in the context (n_ctx)."""
 
 
+class SequenceStateError(PyllmError, ValueError):
+    """A sequence's saved KV state could not be read, checked or restored: empty, truncated, corrupt, not
+    llama.cpp's, or refused by llama.cpp (no room for its cells); the message names the file or the check."""
+
+
+class IncompatibleStateError(SequenceStateError):
+    """A saved sequence state comes from another model file, KV cache type, KV layout (flash attention's
+    V transposition, split or unified streams) or build of pyllm / llama.cpp than the context given."""
+
+
+class SlotFilenameError(PyllmError, ValueError):
+    """A slot file name (``POST /slots/{id}?action=save&filename=...``) is not a plain file name inside the
+    slot save directory: a separator, ``..``, a control character, an absolute path, or too long."""
+
+
 class QueueFullError(PyllmError, RuntimeError):
     """The batched engine's bounded request queue is full; retry later (HTTP servers answer 503)."""
 

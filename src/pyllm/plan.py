@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from pyllm.context import Context, validate_kv_types
 from pyllm.errors import ConfigError, PyllmError
-from pyllm.config import check_batch_sizes, check_bool, check_int, check_kv_type
+from pyllm.config import check_batch_sizes, check_bool, check_int, check_kv_type, label
 from pyllm.model import Model
 from pyllm.placement import Placement
 
@@ -441,3 +441,204 @@ def plot(plan: Plan, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- KV_CACHE_TYPE=auto: the highest-fidelity pair that fits, measured as pyllm plan measures ----
+# Highest fidelity first. A mixed pair keeps K at the higher precision (attention scores are more sensitive to
+# K's error than the output is to V's), so V is quantized first. Without flash attention a quantized V is
+# impossible, and quantizing K alone is the only saving left: f16/f16, q8_0/f16, q4_0/f16.
+AUTO_KV_PAIRS: tuple[tuple[str, str], ...] = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"),
+                                              ("q4_0", "q4_0"))
+AUTO_KV_PAIRS_NO_FA: tuple[tuple[str, str], ...] = (("f16", "f16"), ("q8_0", "f16"), ("q4_0", "f16"))
+AUTO_KV_TYPES = ("f16", "q8_0", "q4_0")
+# Test hook: pretend the devices have this much free memory in all (a size such as 4GiB, or bytes). For tests
+# and dry runs on machines without the target's memory; it replaces every device reading.
+FREE_MEMORY_HOOK_VAR = "PYLLM_AUTO_KV_FREE_MEMORY"
+
+
+def auto_kv_candidates(type_k: str, type_v: str, flash_attn: str) -> list[tuple[str, str]]:
+    """The pairs ``auto`` tries, in order: both sides auto, the ladder above (its no-flash-attention form with
+    ``flash_attn`` off); one side given, the other side from f16, q8_0, q4_0 (quantized V left out with
+    flash attention off)."""
+    k_auto, v_auto = type_k == "auto", type_v == "auto"
+    if k_auto and v_auto:
+        return list(AUTO_KV_PAIRS_NO_FA if flash_attn == "off" else AUTO_KV_PAIRS)
+    if k_auto:
+        return [(k, type_v) for k in AUTO_KV_TYPES]
+    if v_auto:
+        return [(type_k, v) for v in AUTO_KV_TYPES if not (flash_attn == "off" and v != "f16")]
+    return [(type_k, type_v)]
+
+
+@dataclass
+class MemoryPool:
+    """Where a context's buffers go and what is free there: a device (CUDA0, ...) or the host (``host``)."""
+
+    name: str
+    need: int                        # weights + KV + compute bytes llama.cpp would allocate there
+    free: int                        # free bytes there now (host: MemAvailable)
+
+
+@dataclass
+class KVAutoChoice:
+    """What ``auto`` chose and why: the pair, the context it was measured for, every pair tried before it.
+
+    ``tried``: ``(type_k, type_v, reason)`` for the pairs passed over (higher fidelity first): the memory they
+    would need, or the rule that rules them out (MLA, head size, flash attention, no CUDA kernel)."""
+
+    type_k: str
+    type_v: str
+    n_ctx: int                       # the context measured, as llama.cpp pads it (0 asked: the training context)
+    n_parallel: int
+    kv_bytes: int                    # KV cache of the chosen pair at n_ctx
+    total_bytes: int                 # weights + KV + compute at n_ctx
+    pools: list[MemoryPool]
+    free_source: str                 # "devices" or the test hook
+    tried: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def message(self) -> str:
+        """The one log line: ``KV cache type auto: K q8_0 / V q8_0 for n_ctx=32768, ...; K f16 / V f16 would
+        need ...``."""
+        where = ", ".join(f"{p.name} {_mib(p.need)} of {_mib(p.free)} MiB free" for p in self.pools)
+        head = (f"KV cache type auto: K {self.type_k} / V {self.type_v} for n_ctx={self.n_ctx:,}"
+                + (f" ({self.n_parallel} sequences)" if self.n_parallel > 1 else "")
+                + f": KV {_mib(self.kv_bytes)} MiB, {_mib(self.total_bytes)} MiB in all ({where})")
+        if self.tried:
+            head += "; " + "; ".join(f"K {k} / V {v} {why}" for k, v, why in self.tried)
+        return head
+
+
+def _gpu_names() -> list[str]:
+    from pyllm.devices import devices
+
+    return sorted((d.name for d in devices() if d.type != "cpu"), key=len, reverse=True)
+
+
+def memory_pools(m: Measure, free_memory: Optional[int] = None, free_source: str = "devices") -> list[MemoryPool]:
+    """Split a measured context over the places its buffers go, with what is free there: each device by name
+    (llama.cpp's buffer type names start with it: CUDA0, CUDA0_Split, RPC0[host:port]), the rest (CPU,
+    CPU_REPACK, CUDA_Host) on the host, whose free memory is MemAvailable. ``free_memory`` (the test hook):
+    one pool with everything, that much free."""
+    total = m.weights + m.kv + m.compute
+    if free_memory is not None:
+        return [MemoryPool(free_source, total, free_memory)]
+    from pyllm.context import _host_available
+    from pyllm.devices import devices
+
+    devs = {d.name: d for d in devices()}
+    names = _gpu_names()
+    need: dict[str, int] = {}
+    for buft, row in m.devices.items():
+        dev = next((n for n in names if buft.startswith(n)), "host")
+        need[dev] = need.get(dev, 0) + row["model"] + row["context"] + row["compute"]
+    if not need:
+        need["host"] = total
+    cpu = next((d for d in devs.values() if d.type == "cpu"), None)
+    return [MemoryPool(name, n, devs[name].free if name in devs else _host_available(cpu.free if cpu else 0))
+            for name, n in need.items()]
+
+
+def _free_memory_hook(free_memory: Optional[int]) -> tuple[Optional[int], str]:
+    import os
+
+    if free_memory is not None:
+        check_int("free_memory", free_memory, minimum=0, maximum=2**62)
+        return free_memory, f"free_memory={free_memory:,} (test hook)"
+    raw = os.environ.get(FREE_MEMORY_HOOK_VAR, "").strip()
+    if not raw:
+        return None, "devices"
+    value = int(raw) if raw.isdigit() else parse_memory(raw)
+    return value, f"{FREE_MEMORY_HOOK_VAR}={raw} (test hook)"
+
+
+def choose_kv_types(model_path: str, *, type_k: str = "auto", type_v: str = "auto", n_ctx: int = 0,
+                    n_parallel: int = 1, kv_unified: bool = True, n_batch: int = 2048, n_ubatch: int = 512,
+                    flash_attn: str = "auto", n_gpu_layers: int = 0, placement: Optional[Placement] = None,
+                    free_memory: Optional[int] = None) -> KVAutoChoice:
+    """The first pair of :func:`auto_kv_candidates` whose context (``n_ctx`` cells in all, ``n_parallel``
+    sequences, as ``serve -c n_ctx -np n_parallel`` creates it; 0: the training context) fits the free memory
+    after weights and compute buffers: weights + KV + compute, as llama.cpp accounts them for a context it
+    only simulates (the Planner of ``pyllm plan``, no_alloc), at most what is free on every device they go to.
+
+    Pairs the model or settings rule out (MLA needs K = V, a block size that does not divide the head size, a
+    quantized V when flash attention resolves off, a CUDA build without that pair's flash-attention kernel)
+    are passed over. ``free_memory`` (bytes), else the variable PYLLM_AUTO_KV_FREE_MEMORY, is a test hook
+    that replaces the device readings. None fits: KVCacheConfigError with pyllm plan's table of the pairs."""
+    from pyllm.buildinfo import compiled_fa_pairs, has_cuda
+    from pyllm.errors import KVCacheConfigError
+    from pyllm.kvtypes import is_quantized
+
+    type_k = check_kv_type("type_k", type_k, allow_auto=True)
+    type_v = check_kv_type("type_v", type_v, allow_auto=True)
+    check_int("n_ctx", n_ctx, minimum=0)
+    free_memory, free_source = _free_memory_hook(free_memory)
+    cuda_pairs = compiled_fa_pairs() if has_cuda() and n_gpu_layers != 0 and flash_attn != "off" else None
+    tried: list[tuple[str, str, str]] = []
+    failed: list[tuple[str, str]] = []
+    with Planner(model_path, n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
+                 placement=placement, n_parallel=n_parallel, kv_unified=kv_unified) as planner:
+        n = n_ctx or planner.model.n_ctx_train
+        for k, v in auto_kv_candidates(type_k, type_v, flash_attn):
+            try:
+                validate_kv_types(planner.model, k, v, flash_attn)
+            except PyllmError as exc:
+                tried.append((k, v, f"ruled out ({exc})"))
+                continue
+            if cuda_pairs is not None and (k, v) not in cuda_pairs:
+                tried.append((k, v, "has no flash-attention kernel in this CUDA build (it would run slowly)"))
+                continue
+            m, fa = planner.measure(n, k, v)
+            if is_quantized(v) and not fa:
+                tried.append((k, v, "needs flash attention, which resolves off here"))
+                continue
+            pools = memory_pools(m, free_memory, free_source)
+            over = [p for p in pools if p.need > p.free]
+            if not over:
+                return KVAutoChoice(type_k=k, type_v=v, n_ctx=m.n_ctx, n_parallel=n_parallel, kv_bytes=m.kv,
+                                    total_bytes=m.total, pools=pools, free_source=free_source, tried=tried)
+            tried.append((k, v, "would need " + ", ".join(
+                f"{_mib(p.need)} MiB (KV {_mib(m.kv)}) on {p.name} {_mib(p.free)} MiB free" for p in over)))
+            failed.append((k, v))
+        budget = free_memory if free_memory is not None else _total_free(planner, n, failed)
+        plan = Plan(model=planner.model.desc, model_path=model_path, budget=budget,
+                    budget_source=free_source if free_memory is not None else "free memory of the devices used",
+                    n_gpu_layers=n_gpu_layers, rows=[planner.row(k, v, n_ctx, budget) for k, v in failed],
+                    model_devices=list(planner.model.device_names), n_parallel=n_parallel, kv_unified=kv_unified)
+    reasons = "; ".join(f"K {k} / V {v} {why}" for k, v, why in tried) or "no pair to try"
+    raise KVCacheConfigError(
+        f"KV cache type auto: no K/V pair fits n_ctx={n:,}" + (f" with {n_parallel} sequences" if n_parallel > 1
+                                                               else "")
+        + f" in the free memory ({reasons}). Lower {label('n_ctx')}, {label('n_parallel')} or the GPU layers, or "
+        "set the types; pyllm plan's table of what fits:\n"
+        + (format_table(plan) if plan.rows else "(no pair measured)"))
+
+
+def _total_free(planner: Planner, n: int, pairs: list[tuple[str, str]]) -> int:
+    """For the table of a failed choice: the free memory of the places the first pair's buffers go."""
+    if not pairs:
+        return 0
+    m, _ = planner.measure(n, *pairs[0])
+    return sum(p.free for p in memory_pools(m))
+
+
+def resolve_kv_auto(config, *, model_path: str, n_gpu_layers: int, placement: Optional[Placement] = None,
+                    free_memory: Optional[int] = None):
+    """``config`` (an EngineConfig) with ``auto`` K/V types replaced by :func:`choose_kv_types`' choice for
+    its context (n_ctx, n_parallel, kv_unified, n_batch, n_ubatch, flash_attn), and the choice; unchanged and
+    None when neither side is auto. Logs the choice as one INFO line of the ``pyllm`` logger. ``model_path``,
+    ``n_gpu_layers`` and ``placement``: as the engine resolves them (pyllm.engine.model_path_of,
+    gpu_layers_of, placement_of)."""
+    import logging
+
+    if not config.kv_auto:
+        return config, None
+    choice = choose_kv_types(
+        model_path, type_k=config.kv_cache_type_k or "f16", type_v=config.kv_cache_type_v or "f16",
+        n_ctx=config.n_ctx, n_parallel=config.n_parallel, kv_unified=config.kv_unified, n_batch=config.n_batch,
+        n_ubatch=config.n_ubatch, flash_attn=config.flash_attn, n_gpu_layers=n_gpu_layers, placement=placement,
+        free_memory=free_memory)
+    msg = choice.message()
+    if config.n_ctx == 0:
+        msg += " (n_ctx=0: the training context)"
+    logging.getLogger("pyllm").info("%s", msg)
+    return config.replace(kv_cache_type_k=choice.type_k, kv_cache_type_v=choice.type_v), choice
