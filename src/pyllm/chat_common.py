@@ -460,7 +460,32 @@ def check_grammar(grammar: str) -> None:
         raise GrammarError(f"grammar does not parse: {text}")
 
 
+@dataclass(frozen=True)
+class GrammarMatch:
+    """How far a text matches a grammar: ``matched`` (all of it, and the grammar may end there),
+    ``incomplete`` (all of it was accepted but the grammar expects more), ``matched_chars`` (characters
+    accepted before the first one the grammar rejects)."""
+
+    matched: bool
+    incomplete: bool
+    matched_chars: int
+
+
+def grammar_match(grammar: str, text: str) -> GrammarMatch:
+    """Match ``text`` (characters, not tokens) against a GBNF ``grammar`` with llama.cpp's grammar engine, as
+    llama.cpp's own tests check that a grammar admits an output. Raises GrammarError for a grammar that does
+    not parse."""
+    check_grammar(grammar)
+    data = _utf8(text, "text", GrammarError)  # refuses lone surrogates
+    cpts = ffi.new("uint32_t[]", [ord(c) for c in data.decode("utf-8")] or [0])
+    rc, out = _call(lib.pyllm_grammar_match, grammar.encode("utf-8"), cpts, len(text))
+    if rc != 0:
+        raise GrammarError(f"grammar cannot be matched: {out}")
+    d = json.loads(out)
+    return GrammarMatch(d["matched"], d["incomplete"], d["matched_chars"])
+
+
 __all__ = [
-    "ChatParams", "ChatParser", "ChatTemplates", "GrammarTrigger", "MessageDelta", "ParsedMessage",
-    "REASONING_FORMATS", "TOOL_CHOICES", "ToolCall", "check_grammar", "json_schema_to_grammar",
+    "ChatParams", "ChatParser", "ChatTemplates", "GrammarMatch", "GrammarTrigger", "MessageDelta", "ParsedMessage",
+    "REASONING_FORMATS", "TOOL_CHOICES", "ToolCall", "check_grammar", "grammar_match", "json_schema_to_grammar",
 ]

@@ -4,7 +4,8 @@ and streamed (every growing prefix with is_partial=True, the deltas accumulated 
 content, reasoning and tool calls compared the way the C++ test compares them (``assert_msg_equals`` with
 whitespace differences ignored: surrounding whitespace stripped, arguments compared as re-serialized JSON,
 an incomplete JSON argument counting as ""). Cases marked ``expect_reconstruction`` also re-render the
-conversation with the parsed reply appended and must reproduce prompt + output.
+conversation with the parsed reply appended and must reproduce prompt + output. The grammar the template
+gives must admit the output from the point its trigger fires (test_peg_parser's grammar check, ported below).
 
 tests/data/test_chat_cases.json is extracted from the pinned sdist's test-chat.cpp by
 tests/data/extract_test_chat.py (see its docstring)."""
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from pyllm.chat import shipped_templates
-from pyllm.chat_common import ChatTemplates, ParsedMessage
+import re
+
+from pyllm.chat_common import ChatParams, ChatTemplates, ParsedMessage, grammar_match
 
 DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "test_chat_cases.json").read_text())
 CASES = DATA["cases"]
@@ -112,6 +115,8 @@ def test_case(case):
         assert _norm(content, reasoning, calls) == _of(current), f"after {text[:i]!r}"
     assert _norm(content, reasoning, calls) == expected
 
+    _check_grammar(case, params)
+
     if case["expect_reconstruction"] and not case["is_partial"]:
         parsed = params.make_parser().parse(text)
         reply = {"role": "assistant", "content": exp["content"]}
@@ -123,3 +128,70 @@ def test_case(case):
                                    for c, p in zip(exp["tool_calls"], parsed.tool_calls)]
         again = _apply(case, messages=case["params"]["messages"] + [reply], add_generation_prompt=False)
         assert again.prompt.startswith(params.prompt + text)
+
+
+def _check_grammar(case: dict, params: ChatParams) -> None:
+    """test_peg_parser's grammar check: a json_schema gives an eager grammar; a lazy grammar's trigger fires
+    on an output with tool calls; the grammar admits the output from where it applies (the earliest trigger,
+    not before the generation prompt's end; everything, generation prompt included, for an eager grammar).
+    Word triggers of a template with a thinking block are looked for outside it only (the reasoning budget
+    sampler holds the grammar back there), unless that finds none for an output with tool calls."""
+    if case["params"]["json_schema"] is not None:
+        assert params.grammar and not params.grammar_lazy
+    if not params.grammar:
+        return
+    gen, text, exp = params.generation_prompt, case["input"], case["expect"]
+    full = gen + text
+    triggers = params.grammar_triggers
+    earliest = None
+    budget_path = params.grammar_lazy and bool(params.thinking_end_tags) and all(t.type == "word" for t in triggers)
+    if budget_path:
+        start, ends, thinking, i = params.thinking_start_tag, params.thinking_end_tags, False, 0
+        while i < len(full):
+            if not thinking and start and full.startswith(start, i):
+                thinking, i = True, i + len(start)
+                continue
+            if thinking:
+                end = next((e for e in ends if full.startswith(e, i)), None)
+                if end is not None:
+                    thinking, i = False, i + len(end)
+                else:
+                    i += 1
+                continue
+            hits = [i for t in triggers if full.startswith(t.value, i)]
+            if hits:
+                earliest = i
+                break
+            i += 1
+        if earliest is None and exp["tool_calls"]:
+            budget_path = False   # tool calls inside the thinking block (Kimi): the plain search below
+    if not budget_path:
+        for t in triggers:
+            pos = None
+            if t.type == "word":
+                pos = full.find(t.value)
+                pos = None if pos < 0 else pos
+            elif t.type == "pattern":
+                m = re.search(t.value, full)
+                if m is not None:
+                    pos = m.start(m.re.groups) if m.start(m.re.groups) >= 0 else None
+            elif t.type == "pattern_full":
+                rx = re.compile(t.value)
+                for end in range(len(gen), len(full) + 1):
+                    m = rx.fullmatch(full[:end])
+                    if m is not None:
+                        pos = next((m.start(g) for g in range(1, rx.groups + 1) if m.group(g)), m.start(0))
+                        break
+            else:
+                raise AssertionError(f"trigger type {t.type} in a case of test-chat.cpp")
+            if pos is not None and (earliest is None or pos < earliest):
+                earliest = pos
+    if params.grammar_lazy and exp["tool_calls"] and not case["is_partial"]:
+        assert earliest is not None, f"the grammar trigger did not fire on {full!r}: {triggers}"
+    if earliest is not None:
+        constrained, applies = full[max(earliest, len(gen)):], True
+    else:
+        constrained, applies = full, not params.grammar_lazy
+    if applies and not case["is_partial"]:
+        m = grammar_match(params.grammar, constrained)
+        assert m.matched, (m, constrained)

@@ -197,3 +197,17 @@ def test_use_after_close_raises(glm):
     t.close()
     with pytest.raises(ValueError, match="closed"):
         t.apply(USER)
+
+
+def test_grammar_match():
+    from pyllm.chat_common import grammar_match
+
+    g = 'root ::= "{" [a-z]+ "}"'
+    assert grammar_match(g, "{abc}").matched
+    m = grammar_match(g, "{ab")
+    assert not m.matched and m.incomplete and m.matched_chars == 3
+    m = grammar_match(g, "{a1}")
+    assert not m.matched and not m.incomplete and m.matched_chars == 2
+    assert grammar_match('root ::= "é" [^x]', "é日").matched   # code points, not bytes
+    with pytest.raises(GrammarError, match="expecting"):
+        grammar_match("root = x", "x")

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -510,6 +511,37 @@ int pyllm_grammar_check(const char * grammar, const char * root, char ** out) {
         }
         return "";
     }, false);
+}
+
+int pyllm_grammar_match(const char * grammar, const uint32_t * cpts, size_t n, char ** out) {
+    return guarded(out, [&]() -> std::string {
+        if (grammar == nullptr || (cpts == nullptr && n > 0)) {
+            throw std::invalid_argument("NULL argument");
+        }
+        std::string why = grammar_parse_error(grammar, "root");
+        if (!why.empty()) {
+            throw std::runtime_error(why);
+        }
+        // match_string_detailed of llama.cpp's tests/test-chat.cpp: the code points one by one into the
+        // grammar's stacks (no vocabulary: text, not tokens)
+        std::unique_ptr<llama_grammar, decltype(&llama_grammar_free_impl)> g(
+            llama_grammar_init_impl(nullptr, grammar, "root", false, nullptr, 0, nullptr, 0), llama_grammar_free_impl);
+        if (!g) {
+            throw std::runtime_error("llama.cpp could not build the grammar (see the log lines)");
+        }
+        auto & stacks = llama_grammar_get_stacks(g.get());
+        for (size_t i = 0; i < n; ++i) {
+            llama_grammar_accept(g.get(), cpts[i]);
+            if (stacks.empty()) {
+                return json{{"matched", false}, {"incomplete", false}, {"matched_chars", (uint64_t) i}}.dump();
+            }
+        }
+        bool complete = false;
+        for (const auto & st : stacks) {
+            complete = complete || st.empty();
+        }
+        return json{{"matched", complete}, {"incomplete", !complete}, {"matched_chars", (uint64_t) n}}.dump();
+    });
 }
 
 struct llama_sampler * pyllm_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar,

@@ -111,6 +111,9 @@ int  pyllm_chat_parser_update(pyllm_chat_parser * parser, const char * text_adde
 int  pyllm_json_schema_to_grammar(const char * schema_json, bool force_gbnf, char ** out);
 /* 0 when llama.cpp's GBNF parser accepts the grammar (*out stays NULL), else the reason in *out */
 int  pyllm_grammar_check(const char * grammar, const char * root, char ** out);
+/* whether text (n code points) matches a grammar: *out {"matched": bool, "incomplete": bool (all of it was
+   accepted but the grammar expects more), "matched_chars": code points accepted} */
+int  pyllm_grammar_match(const char * grammar, const uint32_t * cpts, size_t n, char ** out);
 /* llama_sampler_init_grammar(_lazy_patterns) after pyllm_grammar_check, exceptions caught: NULL and *err on failure */
 struct llama_sampler * pyllm_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar,
                                                   const char * root, bool lazy, const char ** trigger_patterns,
