@@ -14,6 +14,10 @@ Templates run in ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with a time an
 so a template can neither touch Python internals nor hang or exhaust memory; every failure is a
 :class:`~pyllm.errors.ChatTemplateError` naming the template's source and Jinja's message.
 
+A conversation reaches a template as llama.cpp hands it over (``common/chat.cpp``): a ``content`` of None
+becomes "", and tool-call ``arguments`` sent as JSON text (OpenAI's shape) become objects for templates that
+read them as a mapping (found with llama.cpp's probe, run in this sandbox).
+
 This module sits just above ``_ffi`` and ``errors``: it reads a model only through its public methods
 (``chat_template()``, ``bos``, ``eos``, ``token_to_piece``, ``path``), so ``model`` can use it.
 """
@@ -31,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from pyllm._ffi import ffi, lib
@@ -119,8 +124,21 @@ def _budget() -> Optional[_Budget]:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
             sort_keys: bool = False) -> str:
-    # Hugging Face's tojson: plain json.dumps (Jinja's own escapes HTML and has no ensure_ascii).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # Hugging Face's tojson: plain json.dumps (Jinja's own escapes HTML and has no ensure_ascii). A filter
+    # chain such as `tools | map(attribute='function') | tojson` hands it a generator, which llama.cpp's Jinja
+    # engine (where such templates are written and tested) treats as the list it yields.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
+                      default=_json_iterable)
+
+
+def _json_iterable(value: Any) -> Any:
+    import types
+
+    if isinstance(value, (types.GeneratorType, map, filter)):
+        return list(value)
+    if isinstance(value, _ProbeArguments):
+        return {k: value[k] for k in value}
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _raise_exception(message: str = "") -> None:
@@ -214,8 +232,10 @@ def validate_messages(messages: Any) -> list[dict]:
     """Check the OpenAI-style message list; return it as a list of dicts (not copied deeply).
 
     Each message: a dict with a str ``role`` and ``content`` that is a str, None (an assistant turn
-    with only tool calls) or a list of ``{"type": "text", "text": ...}`` parts. Other keys
-    (``reasoning_content``, ``tool_calls``, ``tool_call_id``, ``name``) are passed to the template.
+    with only tool calls) or a list of ``{"type": "text", "text": ...}`` parts. ``tool_calls``: a list of
+    ``{"id": str, "type": "function", "function": {"name": str, "arguments": JSON text or a dict}}``;
+    ``tool_call_id`` and ``name`` (of a ``tool`` message): str. Other keys are passed to the template.
+    Raises ChatTemplateError naming the message, the field and what is accepted.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError(f"messages is a {type(messages).__name__}; expected a list of "
@@ -248,8 +268,43 @@ def validate_messages(messages: Any) -> list[dict]:
         if rc is not None and not isinstance(rc, str):
             raise ChatTemplateError(f"message {i} ({role}) has reasoning_content of type {type(rc).__name__}; "
                                     "expected a str or None")
+        if m.get("tool_calls") is not None:
+            _validate_tool_calls(i, role, m["tool_calls"])
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ChatTemplateError(f"message {i} ({role}) has {key}={m[key]!r:.60} of type {type(m[key]).__name__}; "
+                                        "expected a str")
         out.append(m)
     return out
+
+
+_TOOL_CALL_SHAPE = ("{'id': str, 'type': 'function', 'function': {'name': str, 'arguments': JSON text or a dict}}")
+
+
+def _validate_tool_calls(i: int, role: str, calls: Any) -> None:
+    """OpenAI's shape of an assistant message's ``tool_calls`` (what llama.cpp's
+    ``common_chat_msgs_parse_oaicompat`` reads); ``arguments`` is JSON text (OpenAI) or an object."""
+    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+        raise ChatTemplateError(f"message {i} ({role}) has tool_calls of type {type(calls).__name__}; expected a list "
+                                f"of {_TOOL_CALL_SHAPE}")
+    for j, call in enumerate(calls):
+        where = f"message {i} ({role}) tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise ChatTemplateError(f"{where} is {call!r:.60} (a {type(call).__name__}); expected {_TOOL_CALL_SHAPE}")
+        if call.get("type", "function") != "function":
+            raise ChatTemplateError(f"{where} has type={call.get('type')!r}; only 'function' tool calls are supported")
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise ChatTemplateError(f"{where} has id={call['id']!r:.60}; expected a str")
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise ChatTemplateError(f"{where} has function={fn!r:.60}; expected "
+                                    "{'name': str, 'arguments': JSON text or a dict}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatTemplateError(f"{where}.function has name={fn.get('name')!r:.60}; expected a non-empty str")
+        args = fn.get("arguments")
+        if not isinstance(args, (str, dict)):
+            raise ChatTemplateError(f"{where}.function has arguments={args!r:.60} of type {type(args).__name__}; "
+                                    "expected JSON text (a str, as OpenAI sends it) or a dict")
 
 
 def _text_of(content: Any) -> str:
@@ -295,6 +350,7 @@ class ChatTemplate:
         if self.builtin is not None:
             return self._render_builtin(msgs, add_generation_prompt, tools, template_kwargs)
         tmpl = _compile(self.text, self.source)
+        msgs = _history_for_template(msgs, self.text, self.source)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **self.extra, **template_kwargs,
                      "messages": msgs, "tools": tools, "add_generation_prompt": bool(add_generation_prompt)}
         return _render(tmpl, variables, self.source, seconds, max_chars)
@@ -367,6 +423,94 @@ class ChatTemplate:
                     f"format (chat template: {self.source}): {why}; send the text in a message it keeps "
                     "(e.g. a 'user' one), or serve a Jinja template (--chat-template)")
         return _apply_builtin(self.builtin, turns, add_assistant)
+
+
+class _ProbeArguments(Mapping):
+    """Tool-call arguments that record whether a template read them as a mapping (an entry, its keys or
+    items, a membership test, or ``tojson``)."""
+
+    def __init__(self, data: dict) -> None:
+        self._data = data
+        self.used = False
+
+    def __getitem__(self, key):
+        self.used = True
+        return self._data[key]
+
+    def __iter__(self):
+        self.used = True
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key) -> bool:
+        self.used = True
+        return key in self._data
+
+
+@functools.lru_cache(maxsize=32)
+def _reads_arguments_as_mapping(text: str) -> bool:
+    """Whether a template reads ``tool_calls[].function.arguments`` as a mapping: llama.cpp's capability probe
+    ``supports_object_arguments`` (common/jinja/caps.cpp: one tool call with arguments ``{"arg": "value"}``, then
+    was ``arguments.arg`` used?), run here in pyllm's own sandbox, time-limited like every render, because
+    llama.cpp's Jinja engine has no time or recursion limit. A template that fails on the probe reads nothing."""
+    args = _ProbeArguments({"arg": "value"})
+    messages = [
+        {"role": "user", "content": "User message"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call00001", "type": "function", "function": {"name": "tool1", "arguments": args}}]},
+        {"role": "tool", "content": "Tool response", "tool_call_id": "call00001"},
+        {"role": "assistant", "content": "The tool response was 'tool response'"},
+        {"role": "user", "content": "User message"},
+    ]
+    tools = [{"name": "tool", "type": "function", "function": {
+        "name": "tool1", "description": "Tool description",
+        "parameters": {"type": "object", "properties": {"arg": {"type": "string", "description": "Arg description"}},
+                       "required": ["arg"]}}}]
+    try:
+        tmpl = _compile(text, "probe")
+        _render(tmpl, {"bos_token": "", "eos_token": "", "messages": messages, "tools": tools,
+                       "add_generation_prompt": False}, "probe", 2.0, MAX_OUTPUT_CHARS)
+    except ChatTemplateError:
+        return False
+    return args.used
+
+
+def _history_for_template(msgs: list[dict], text: str, source: str) -> list[dict]:
+    """The conversation as llama.cpp hands it to a template (common/chat.cpp): ``content`` None or missing
+    becomes "" (``common_chat_msg::to_json_oaicompat`` always writes a string, so templates that concatenate
+    or search it work on tool-call turns), and tool-call ``arguments`` given as JSON text are parsed into
+    objects for a template that reads them as a mapping (llama.cpp's ``workaround::func_args_not_string`` for
+    templates with ``supports_object_arguments``; see :func:`_reads_arguments_as_mapping`). The caller's
+    messages are not modified."""
+    object_args = None  # probed only when some arguments are JSON text
+    out = []
+    for i, m in enumerate(msgs):
+        if m.get("content") is None:
+            m = {**m, "content": ""}
+        calls = m.get("tool_calls")
+        if calls and any(isinstance(c["function"].get("arguments"), str) for c in calls) and \
+                (object_args if object_args is not None else (object_args := _reads_arguments_as_mapping(text))):
+            new_calls = []
+            for j, c in enumerate(calls):
+                args = c["function"].get("arguments")
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError as exc:
+                        raise ChatTemplateError(
+                            f"message {i} ({m['role']}) tool_calls[{j}].function.arguments is not JSON text ({exc}: "
+                            f"{args!r:.60}); chat template {source} reads the arguments as an object") from None
+                    if not isinstance(args, dict):
+                        raise ChatTemplateError(
+                            f"message {i} ({m['role']}) tool_calls[{j}].function.arguments is JSON {type(args).__name__} "
+                            f"({c['function']['arguments']!r:.60}); chat template {source} reads the arguments as "
+                            "an object, expected a JSON object")
+                new_calls.append({**c, "function": {**c["function"], "arguments": args}})
+            m = {**m, "tool_calls": new_calls}
+        out.append(m)
+    return out
 
 
 def _marker(i: int) -> str:

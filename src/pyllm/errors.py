@@ -50,6 +50,16 @@ class BrokenChatTemplateError(ChatTemplateError, RuntimeError):
     :class:`ChatTemplateError`."""
 
 
+class GrammarError(PyllmError, ValueError):
+    """A GBNF grammar does not parse (the message carries llama.cpp's reason), a JSON schema cannot be turned
+    into one, a lazy grammar's trigger is invalid, or, while sampling, the grammar allows no token."""
+
+
+class ToolCallParseError(PyllmError, ValueError):
+    """A complete reply does not match the chat format its template's parser expects (llama.cpp's
+    ``common_chat_parse`` refused it); the message names the format and quotes llama.cpp."""
+
+
 class ContextFullError(PyllmError, ValueError):
     """The prompt plus the requested tokens do not fit in the context (n_ctx)."""
 

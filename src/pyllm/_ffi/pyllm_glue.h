@@ -82,6 +82,49 @@ int  pyllm_build_rpc(void);
 ggml_backend_reg_t pyllm_rpc_add_server(const char * endpoint);
 int  pyllm_rpc_serve(const char * endpoint, const char * cache_dir, size_t n_threads);
 void pyllm_rpc_fatal_hook(const char * endpoints);
+/* llama.cpp's `common` chat library (glue_chat.cpp): chat templates rendered by llama.cpp's Jinja engine,
+   the tool-call / reasoning parsers of llama-server, JSON schema to GBNF, and grammar samplers built safely.
+   JSON text in and out. Every function returning int gives 0 on success, nonzero on failure; its char **
+   argument then holds the error message (and on success the result text, where the function has one). Any
+   text handed out is the caller's to free with pyllm_str_free; no C++ exception crosses into C.
+   Inputs and results are documented in pyllm/toolcall.py, which is their one caller. */
+typedef struct pyllm_chat_templates pyllm_chat_templates;
+typedef struct pyllm_chat_parser pyllm_chat_parser;
+
+void pyllm_str_free(char * s);
+/* params: {"source": str, "bos_token": str, "eos_token": str}; *out NULL on failure, *err NULL on success */
+int  pyllm_chat_templates_init(const char * params_json, pyllm_chat_templates ** out, char ** err);
+void pyllm_chat_templates_free(pyllm_chat_templates * tmpls);
+/* *out: {"supports_tools": bool, "supports_tool_calls": bool, ...} (llama.cpp's jinja caps) */
+int  pyllm_chat_templates_caps(const pyllm_chat_templates * tmpls, char ** out);
+/* inputs: OpenAI-style request fields; *out: common_chat_params as JSON */
+int  pyllm_chat_templates_apply(const pyllm_chat_templates * tmpls, const char * inputs_json, char ** out);
+/* params: {"format": name, "generation_prompt": str, "parser": serialized PEG arena,
+   "assign_tool_call_ids": bool (default true: pyllm_chat_parser_update gives calls ids as llama-server does)} */
+int  pyllm_chat_parser_init(const char * params_json, pyllm_chat_parser ** out, char ** err);
+void pyllm_chat_parser_free(pyllm_chat_parser * parser);
+/* stateless: *out is the parsed message {"role", "content", "reasoning_content", "tool_calls": [{"id", "name", "arguments"}]} */
+int  pyllm_chat_parse(const pyllm_chat_parser * parser, const char * text, size_t len, bool is_partial, char ** out);
+/* streaming (the parser's own state): appends text_added, parses all, *out: {"message": ..., "diffs": [...]} */
+int  pyllm_chat_parser_update(pyllm_chat_parser * parser, const char * text_added, size_t len, bool is_partial,
+                              char ** out);
+int  pyllm_json_schema_to_grammar(const char * schema_json, bool force_gbnf, char ** out);
+/* 0 when llama.cpp's GBNF parser accepts the grammar (*out stays NULL), else the reason in *out */
+int  pyllm_grammar_check(const char * grammar, const char * root, char ** out);
+/* whether text (n code points) matches a grammar: *out {"matched": bool, "incomplete": bool (all of it was
+   accepted but the grammar expects more), "matched_chars": code points accepted} */
+int  pyllm_grammar_match(const char * grammar, const uint32_t * cpts, size_t n, char ** out);
+/* llama_sampler_init_grammar(_lazy_patterns) after pyllm_grammar_check, exceptions caught: NULL and *err on failure */
+struct llama_sampler * pyllm_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar,
+                                                  const char * root, bool lazy, const char ** trigger_patterns,
+                                                  size_t n_trigger_patterns, const llama_token * trigger_tokens,
+                                                  size_t n_trigger_tokens, char ** err);
+/* llama_sampler_accept with exceptions caught (a grammar throws for a token it rejects): 0, or 1 and *err */
+int  pyllm_sampler_accept_checked(struct llama_sampler * smpl, llama_token token, char ** err);
+/* llama_sampler_sample for a chain that holds a grammar: LLAMA_TOKEN_NULL (-1) and *err when the grammar
+   allows no token or llama.cpp throws, instead of accepting a rejected token (which can abort) */
+llama_token pyllm_sampler_sample_checked(struct llama_sampler * chain, struct llama_context * ctx, int32_t idx,
+                                         char ** err);
 /* cffi-cdef-end */
 
 #ifdef __cplusplus

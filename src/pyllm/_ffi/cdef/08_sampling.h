@@ -50,3 +50,15 @@ struct llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_
                                                      const llama_logit_bias * logit_bias);
 uint32_t    llama_sampler_get_seed(const struct llama_sampler * smpl);
 llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
+
+/* Grammar-constrained sampling (GBNF). pyllm builds these through pyllm_sampler_init_grammar (pyllm_glue.h),
+   which checks the grammar first and catches the std::regex_error a bad trigger pattern throws. */
+struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar_str,
+                                                  const char * grammar_root);
+struct llama_sampler * llama_sampler_init_grammar_lazy_patterns(const struct llama_vocab * vocab,
+                                                                const char * grammar_str,
+                                                                const char * grammar_root,
+                                                                const char ** trigger_patterns,
+                                                                size_t num_trigger_patterns,
+                                                                const llama_token * trigger_tokens,
+                                                                size_t num_trigger_tokens);
