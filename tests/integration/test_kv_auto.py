@@ -165,3 +165,15 @@ def test_list_commands_compare_the_pairs_auto_tries(default_model_path, tmp_path
     assert re.findall(r"^\| (\w+) \| (\w+) \| [\d,]+ \| 4,096 \|", one.stdout, re.M) == [("q8_0", "f16")]
     mixed = _run(["plan", "-ctk", "auto,q8_0"], tmp_path, MODEL_PATH=str(default_model_path))
     assert mixed.returncode == 1 and "auto chooses one K/V pair before an engine loads" in mixed.stderr
+
+
+def test_serve_resolves_auto_and_checks_the_session_flags_before_loading(default_model_path, tmp_path):
+    out = _run(["serve", "-c", "4096", "--port", "0"], tmp_path, KV_CACHE_TYPE="auto",
+               MODEL_PATH=str(default_model_path), **{FREE_MEMORY_HOOK_VAR: "1MiB"})
+    assert out.returncode == 1 and "pyllm: error: KV cache type auto: no K/V pair fits n_ctx=4,096" in out.stderr
+    out = _run(["serve", "--cache-ram", "10000000", "--port", "0"], tmp_path, MODEL_PATH=str(default_model_path))
+    assert out.returncode == 1
+    assert re.search(r"pyllm: error: -cram=\d+ MiB is more than this machine's physical memory", out.stderr)
+    out = _run(["serve", "--slot-save-path", str(tmp_path / "nope"), "--port", "0"], tmp_path,
+               MODEL_PATH=str(default_model_path))
+    assert out.returncode == 1 and "--slot-save-path=" in out.stderr and "does not exist" in out.stderr
