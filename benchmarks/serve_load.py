@@ -11,11 +11,14 @@ between N, so the drift of a shared machine hits both): N async httpx clients, e
 
 A request is a prompt of token ids (a BOS and a slice of Python's pydoc topics at a seeded offset, so
 no two requests share a prefix and no prompt cache helps either side) with ``max_tokens`` and
-``ignore_eos``: the output lengths are fixed, the same on both servers, and checked against ``usage``.
+``ignore_eos`` (llama-server's meaning on both: end-of-generation is never sampled): the output lengths
+are fixed, the same on both servers, and checked against ``tokens_predicted``.
 
 Reports, per N and server: aggregate output tokens/s (all output tokens / wall time of the round),
-time to first token p50/p99 and inter-token latency p50/p99 (the gaps between streamed text chunks,
-pooled over the requests of all rounds), and the ratios pyllm/llama-server (median of the paired
+time to first token p50/p99 and inter-token latency p50/p99 per token (requests go to llama-server's
+native /completion with return_tokens, so each chunk says which tokens it carries; tokens that arrive
+in one chunk count a 0 gap after the first; pooled over the requests of all rounds), the servers' own
+mean ms per generated token (their timings), and the ratios pyllm/llama-server (median of the paired
 rounds). A benchmark, not a test: it never fails on noise.
 
     python3 benchmarks/serve_load.py                                   # default model, N = 1,4,8,16,32
@@ -173,6 +176,7 @@ class Sample:
     n_tokens: int = 0
     expected: int = 0
     error: Optional[str] = None
+    server_ms_per_token: float = math.nan   # the server's own timings.predicted_per_token_ms
 
 
 def make_requests(corpus: list[int], bos: Optional[int], n: int, prompt_lens: Sequence[int],
@@ -192,18 +196,23 @@ def make_requests(corpus: list[int], bos: Optional[int], n: int, prompt_lens: Se
 
 
 def request_body(spec: Spec, args: argparse.Namespace) -> dict:
-    return {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": args.temperature, "top_k": args.top_k,
+    """llama-server's native /completion with ``return_tokens``: every streamed chunk lists the token ids it
+    carries, so inter-token latency is measured per token, not per chunk. ``ignore_eos`` has llama-server's
+    meaning on both servers (end-of-generation tokens are never sampled), so both generate n_predict tokens."""
+    return {"prompt": spec.prompt, "n_predict": spec.max_tokens, "ignore_eos": True, "stream": True,
+            "return_tokens": True, "cache_prompt": False, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "min_p": args.min_p, "seed": spec.seed}
 
 
 async def one_request(client, url: str, spec: Spec, args: argparse.Namespace) -> Sample:
+    """One streamed request. Per token: the first token of a chunk gets the gap since the previous chunk,
+    the others of the same chunk 0 (they arrived together); the server's own ``timings`` are kept too."""
     s = Sample(expected=spec.max_tokens)
     t0 = time.perf_counter()
     last = None
-    chunks = 0
+    n_tok = 0
     try:
-        async with client.stream("POST", url + "/v1/completions", json=request_body(spec, args)) as resp:
+        async with client.stream("POST", url + "/completion", json=request_body(spec, args)) as resp:
             if resp.status_code != 200:
                 s.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
                 return s
@@ -218,20 +227,25 @@ async def one_request(client, url: str, spec: Spec, args: argparse.Namespace) ->
                     s.error = str(obj["error"])[:300]
                     return s
                 now = time.perf_counter()
-                if any(c.get("text") for c in obj.get("choices") or ()):
-                    chunks += 1
+                k = len(obj.get("tokens") or ())
+                if k:
+                    n_tok += k
                     if last is None:
                         s.ttft_s = now - t0
+                        s.gaps_s.extend([0.0] * (k - 1))
                     else:
-                        s.gaps_s.append(now - last)
+                        s.gaps_s.extend([now - last] + [0.0] * (k - 1))
                     last = now
-                if obj.get("usage"):
-                    s.n_tokens = int(obj["usage"].get("completion_tokens", 0))
+                if obj.get("stop"):
+                    s.n_tokens = int(obj.get("tokens_predicted") or n_tok)
+                    timings = obj.get("timings") or {}
+                    if timings.get("predicted_per_token_ms") is not None:
+                        s.server_ms_per_token = float(timings["predicted_per_token_ms"])
     except Exception as exc:  # one failed request is reported, the run goes on
         s.error = f"{type(exc).__name__}: {exc}"
         return s
-    if not s.n_tokens:  # a server without usage in streams: one text chunk per token
-        s.n_tokens = chunks
+    if not s.n_tokens:
+        s.n_tokens = n_tok
     return s
 
 
@@ -258,6 +272,7 @@ async def run_load(url: str, specs: list[Spec], n_clients: int, args: argparse.N
         "tokens_per_s": sum(s.n_tokens for s in ok) / wall if wall > 0 else math.nan,
         "ttft_s": [s.ttft_s for s in ok if not math.isnan(s.ttft_s)],
         "gaps_s": [g for s in ok for g in s.gaps_s],
+        "server_ms_per_token": [s.server_ms_per_token for s in ok if not math.isnan(s.server_ms_per_token)],
         "errors": [s.error for s in samples if s.error is not None],
         "length_mismatches": sum(1 for s in ok if s.n_tokens != s.expected),
         "requests": len(samples),
@@ -290,6 +305,8 @@ def summarize(rounds: list[dict]) -> dict:
         "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
         "ttft_p99_ms_rounds": [1000 * percentile(r["ttft_s"], 99) for r in rounds],
         "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99),
+        "server_ms_per_token_mean": (statistics.fmean(x for r in rounds for x in r.get("server_ms_per_token", ()))
+                                     if any(r.get("server_ms_per_token") for r in rounds) else math.nan),
         "requests": sum(r["requests"] for r in rounds),
         "errors": [e for r in rounds for e in r["errors"]],
         "length_mismatches": sum(r["length_mismatches"] for r in rounds),

@@ -11,6 +11,7 @@ chunks of newly admitted ones (see ``pyllm.scheduler`` for the KV accounting and
 from __future__ import annotations
 
 import atexit
+import os
 import concurrent.futures
 import logging
 import threading
@@ -25,6 +26,7 @@ from pyllm.errors import ClosedError, ConfigError, ContextFullError, DecodeError
 from pyllm.loading import load_model
 from pyllm.model import Model
 from pyllm.sampling import SamplingParams
+from pyllm.seqstate import load_sequence_file, save_sequence_file
 from pyllm.sequence import GREEDY, MAX_TOP_LOGPROBS, GenerationResult, Request, TokenHook, TokenLogprob
 from pyllm.trace import StepRecord
 
@@ -272,6 +274,62 @@ class BatchedEngine:
             return freed
 
         return self._call(drop)
+
+    # ---- saved sessions (llama-server's slot save / restore / erase) ----
+    def save_sequence(self, slot_id: int, path) -> dict:
+        """Write slot ``slot_id``'s cached cells and tokens to ``path`` (``pyllm.seqstate`` state file: a
+        temporary name, then renamed). Returns ``{"id_slot", "filename", "n_saved", "n_written"}`` (tokens,
+        file bytes). The slot must be idle: ConfigError while a request runs in it (save after it ends)."""
+        def save():
+            slot = self._idle_slot(slot_id, "save")
+            if not slot.cached:
+                raise ConfigError(f"slot {slot_id} holds no tokens; nothing to save")
+            save_sequence_file(self.context, slot.seq, slot.cached, path)
+            return {"id_slot": slot_id, "filename": os.path.basename(os.fspath(path)), "n_saved": len(slot.cached),
+                    "n_written": os.path.getsize(path)}
+
+        return self._call(save, timeout=None)
+
+    def restore_sequence(self, slot_id: int, path) -> dict:
+        """Load a state file from :meth:`save_sequence` into idle slot ``slot_id`` (its cells then serve as
+        that slot's prefix cache). A file from another model, KV type, layout or build, truncated or corrupt
+        is refused (SequenceStateError / IncompatibleStateError) before llama.cpp reads it; the slot is then
+        left as it was. Returns ``{"id_slot", "filename", "n_restored", "n_read"}``."""
+        def restore():
+            slot = self._idle_slot(slot_id, "restore")
+            tokens = load_sequence_file(self.context, slot.seq, path)
+            slot.cached = list(tokens)
+            self._core.refresh_snapshot()
+            return {"id_slot": slot_id, "filename": os.path.basename(os.fspath(path)), "n_restored": len(tokens),
+                    "n_read": os.path.getsize(path)}
+
+        return self._call(restore, timeout=None)
+
+    def erase_sequence(self, slot_id: int) -> dict:
+        """Free idle slot ``slot_id``'s cells. Returns ``{"id_slot", "n_erased"}``."""
+        def erase():
+            slot = self._idle_slot(slot_id, "erase")
+            n = self._core.kv.clear(slot)
+            self._core.refresh_snapshot()
+            return {"id_slot": slot_id, "n_erased": n}
+
+        return self._call(erase)
+
+    def slots(self) -> list[dict]:
+        """Per slot: ``id``, ``is_processing``, ``n_cached`` (tokens its cells hold), ``id_task`` (the running
+        request's id or -1), read on the engine thread between two steps."""
+        def read():
+            return [{"id": s.seq, "is_processing": s.req is not None, "n_cached": len(s.cached),
+                     "id_task": s.req.id if s.req is not None else -1} for s in self._core.kv.slots]
+
+        return self._call(read)
+
+    def _idle_slot(self, slot_id, action: str):
+        check_int("slot id", slot_id, minimum=0, maximum=self.n_parallel - 1, what=f" (n_parallel {self.n_parallel})")
+        slot = self._core.kv.slots[slot_id]
+        if slot.req is not None:
+            raise ConfigError(f"slot {slot_id} is processing a request; {action} it once the request has ended")
+        return slot
 
     # ---- calls into the engine thread ----
     def _wake(self) -> None:

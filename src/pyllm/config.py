@@ -437,7 +437,8 @@ class EngineConfig:
     repack: bool = True                       # --repack / -nr, --no-repack: CPU weight repacking (use_extra_bufts)
     backend_sampling: bool = False            # -bs: sampler chains run in the decode graph where they can
     cache_ram_mib: Optional[int] = None       # --cache-ram: MiB for cached prompt states; -1 no limit, 0 off;
-                                              # None: default_cache_ram_mib() (8192, <= a quarter of physical RAM)
+                                              # None: unset: no host tier in the library; `pyllm serve` uses
+                                              # default_cache_ram_mib() (8192, <= a quarter of physical RAM)
     slot_save_path: Optional[str] = None      # --slot-save-path: an existing directory for slot files; None: off
     # Where values came from when not from an argument ("-m", "MODEL_PATH (from box.env)"), by field: for
     # errors found later, e.g. a model file that does not exist.
@@ -478,8 +479,8 @@ class EngineConfig:
 
         self.rpc_servers = check_rpc_servers("rpc_servers", self.rpc_servers)
         self.rpc_timeout = check_seconds("rpc_timeout", self.rpc_timeout, maximum=86400)
-        self.cache_ram_mib = (default_cache_ram_mib() if self.cache_ram_mib is None
-                              else check_cache_ram(self.source("cache_ram_mib"), self.cache_ram_mib))
+        if self.cache_ram_mib is not None:   # None: unset (the library keeps no host tier; serve applies the default)
+            self.cache_ram_mib = check_cache_ram(self.source("cache_ram_mib"), self.cache_ram_mib)
         if self.slot_save_path is not None:
             self.slot_save_path = check_directory(self.source("slot_save_path"), self.slot_save_path)
 

@@ -36,6 +36,7 @@ from pyllm.kvcache import KVCache
 from pyllm.model import Model
 from pyllm.sampling import Sampler, SamplingParams, argmax_biased
 from pyllm.scheduler import Scheduler
+from pyllm.seqstate import PromptCache
 from pyllm.sequence import MAX_TOP_LOGPROBS, Request, TokenHook, TokenLogprob, check_fits
 from pyllm.trace import StepRecord, StepTrace
 
@@ -83,7 +84,9 @@ class EngineCore:
         self._sub = ffi.new("llama_batch *")
         self._piece_buf = ffi.new("char[]", 256)
         self.lock = lock
-        self.kv = KVCache(self._mem, self.n_parallel, self.n_ctx, model.n_swa)
+        cache_ram = getattr(config, "cache_ram_mib", None)
+        host = PromptCache.from_cache_ram(cache_ram) if cache_ram else None   # None or 0: no host tier
+        self.kv = KVCache(ctx, self.n_parallel, self.n_ctx, model.n_swa, host=host)
         self.scheduler = Scheduler(self.kv, n_ctx=self.n_ctx, n_ctx_share=self.n_ctx_share,
                                    kv_unified=self.kv_unified, n_batch=self.n_batch,
                                    n_prefill_generating=self.n_ubatch, lock=lock)
@@ -430,6 +433,7 @@ class EngineCore:
             out.update(self.snapshot)
             out.update(self.counters)
         out["swa_cache_misses_total"] = self.kv.swa_cache_misses
+        out.update(self.kv.host_stats())
         out.update(self.trace.totals())
         return out
 

@@ -5,19 +5,31 @@ outlive the request that filled them: an idle slot is a prefix cache that a late
 same leading tokens reuses instead of decoding them again (as llama-server's ``cache_prompt``). When
 cells are needed the least recently used idle caches are evicted. Everything here goes through
 llama.cpp's memory API (``llama_memory_seq_*``); the token lists are this module's record of what
-each sequence's cells hold. A host-memory tier (sequence states copied out before eviction) plugs in
-at ``clear``/``pick``. Used by the one thread that runs the engine core.
+each sequence's cells hold. Used by the one thread that runs the engine core.
+
+Host-memory tier (``--cache-ram``, llama-server's prompt cache): with a ``PromptCache``, a slot's cells
+are copied to host memory (``llama_state_seq_get_data_ext``) before they are dropped (an idle cache
+evicted, or a slot's suffix cut for another prompt), keyed by the tokens they hold; a request whose
+prompt starts with a cached entry's tokens (token for token, the whole entry) has that state restored
+into a free slot (``llama_state_seq_set_data_ext``) when it covers more of the prompt than any slot on
+the device, and decodes only the rest.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from pyllm._ffi import lib
+from pyllm.errors import PyllmError
+from pyllm.seqstate import CacheEntry, PromptCache
 
 if TYPE_CHECKING:
+    from pyllm.context import Context
     from pyllm.sequence import Request
+
+logger = logging.getLogger("pyllm")
 
 __all__ = ["KVCache", "Slot", "common_prefix"]
 
@@ -50,36 +62,86 @@ class KVCache:
     """Slots of one context and their cells. ``n_ctx``: cells in the (unified) pool; ``n_swa``: the
     model's sliding window (1 without one), which limits how far a cached prefix can be cut back."""
 
-    def __init__(self, memory, n_parallel: int, n_ctx: int, n_swa: int) -> None:
-        self._mem = memory
+    def __init__(self, context: "Context", n_parallel: int, n_ctx: int, n_swa: int,
+                 host: Optional[PromptCache] = None, host_min_tokens: int = 32) -> None:
+        self._ctx = context
+        self._mem = context._memory
         self.n_ctx = n_ctx
         self._n_swa = max(1, n_swa)
         self.slots = [Slot(i) for i in range(n_parallel)]
         self._clock = 0
         self.swa_cache_misses = 0
+        self.host = host if host is not None and host.enabled else None
+        self.host_min_tokens = host_min_tokens   # shorter prefixes are cheaper to recompute than to copy
+        self.host_saves = 0
+        self.host_restores = 0
+        self.host_restored_tokens = 0
 
     # ---- choosing ----
     def free_slots(self) -> list[Slot]:
         return [s for s in self.slots if s.req is None]
 
-    def pick(self, req: "Request", free: list[Slot]) -> tuple[Slot, int]:
-        """The free slot for ``req`` and how many of its prompt tokens that slot already holds: the
-        longest cached prefix (the last prompt token is always decoded, its logits give the first
+    def pick(self, req: "Request", free: list[Slot]) -> tuple[Slot, int, Optional[CacheEntry]]:
+        """The free slot for ``req``, how many of its prompt tokens can be reused, and the host entry to
+        restore into that slot first (None: the slot's own cells). The longest cached prefix wins, on the
+        device or in host memory (the last prompt token is always decoded, its logits give the first
         token); without ``cache_prompt`` an empty slot, else the least recently used cache."""
-        if req.cache_prompt:
-            head = req._arr[:-1]
-            slot = max(free, key=lambda s: (common_prefix(s.cached, head), not s.cached, -s.last_used))
-            return slot, common_prefix(slot.cached, head)
-        return min(free, key=lambda s: (bool(s.cached), s.last_used)), 0
+        if not req.cache_prompt:
+            return min(free, key=lambda s: (bool(s.cached), s.last_used)), 0, None
+        head = req._arr[:-1]
+        slot = max(free, key=lambda s: (common_prefix(s.cached, head), not s.cached, -s.last_used))
+        keep = common_prefix(slot.cached, head)
+        if self.host is not None and req.n_prompt - 1 > keep:
+            n, entry = self.host.longest_prefix(req.prompt_tokens)
+            n = min(n, req.n_prompt - 1)
+            if entry is not None and n > keep:
+                target = min(free, key=lambda s: (bool(s.cached), s.last_used))
+                return target, n, entry
+        return slot, keep, None
 
     def idle_cells(self, exclude: Optional[Slot] = None) -> int:
         return sum(len(s.cached) for s in self.slots if s.req is None and s is not exclude)
 
     # ---- changing ----
+    def save(self, slot: Slot) -> None:
+        """Copy a slot's cells to the host tier before they are dropped (nothing without one, for a short
+        prefix, or when that exact entry is there already)."""
+        if self.host is None or len(slot.cached) < self.host_min_tokens or slot.cached in self.host:
+            return
+        try:
+            state = self._ctx.seq_state_get(slot.seq)
+        except PyllmError as exc:
+            logger.warning("prompt cache: could not copy sequence %d (%d tokens) to host memory: %s",
+                           slot.seq, len(slot.cached), exc)
+            return
+        if self.host.put(slot.cached, state, info=len(slot.cached)):
+            self.host_saves += 1
+
+    def restore(self, slot: Slot, entry: CacheEntry, keep: int) -> int:
+        """Replace a slot's cells with a host entry's (what the slot held is saved first); returns how many
+        of them the request reuses (0 when llama.cpp refuses the state)."""
+        self.save(slot)
+        self.clear(slot)
+        try:
+            n = self._ctx.seq_state_set(entry.state, slot.seq)
+        except PyllmError as exc:
+            logger.warning("prompt cache: restoring %d tokens into sequence %d failed: %s", entry.n_tokens,
+                           slot.seq, exc)
+            self.clear(slot)
+            return 0
+        if n != entry.n_tokens:
+            self.clear(slot)
+            return 0
+        slot.cached = entry.tokens
+        self.host_restores += 1
+        self.host_restored_tokens += min(keep, n)
+        return min(keep, n)
+
     def trim(self, slot: Slot, keep: int) -> int:
         """Keep the first ``keep`` cached tokens of a slot; returns how many stay usable."""
         seq = slot.seq
         if keep < len(slot.cached):
+            self.save(slot)  # another prompt takes this slot: its whole prefix goes to the host tier first
             if not lib.llama_memory_seq_rm(self._mem, seq, keep, -1):
                 keep = 0
         if keep > 0:
@@ -118,11 +180,27 @@ class KVCache:
         for s in idle:
             if need + cached <= self.n_ctx:
                 break
-            cached -= self.clear(s)
+            cached -= self.evict(s)
+
+    def evict(self, slot: Slot) -> int:
+        """Drop an idle cache from the device (to the host tier when there is one); returns its cells."""
+        self.save(slot)
+        return self.clear(slot)
 
     def evict_idle(self) -> int:
         """Free every idle prefix cache; returns the cells freed."""
-        return sum(self.clear(s) for s in self.slots if s.req is None and s.cached)
+        return sum(self.evict(s) for s in self.slots if s.req is None and s.cached)
+
+    def host_stats(self) -> dict:
+        """The host tier's counters (``prompt_cache_*``), empty without one."""
+        if self.host is None:
+            return {}
+        h = self.host.stats()
+        return {"prompt_cache_entries": h["entries"], "prompt_cache_bytes": h["bytes"],
+                "prompt_cache_budget_bytes": h["budget_bytes"], "prompt_cache_hits": h["hits"],
+                "prompt_cache_misses": h["misses"], "prompt_cache_evictions": h["evictions"],
+                "prompt_cache_saves": self.host_saves, "prompt_cache_restores": self.host_restores,
+                "prompt_cache_restored_tokens": self.host_restored_tokens}
 
     def clear_all(self) -> None:
         """After a fatal decode error: nothing in memory is trusted."""

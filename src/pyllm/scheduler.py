@@ -83,13 +83,15 @@ class Scheduler:
         free = self.kv.free_slots()
         if not free:
             return None
-        slot, keep = self.kv.pick(req, free)
+        slot, keep, entry = self.kv.pick(req, free)
         base = self.base(req)
         if self.kv_unified:
             held = self.reserved()
             if held + base > self.n_ctx:
                 return None  # wait for running sequences to finish (or to stop growing); evict nothing yet
             self.kv.make_room(held + base, exclude=slot)
+        if entry is not None:  # a longer prefix in host memory: its cells come back into the slot
+            keep = self.kv.restore(slot, entry, keep)
         req._reserve = base
         return slot, self.kv.trim(slot, keep)
 

@@ -58,7 +58,7 @@ def test_every_translated_flag_exists_in_pyllm_serve():
         _serve_args(out)
 
 
-@pytest.mark.parametrize("flag", [["--slot-save-path", "/tmp/x"], ["--lora", "a.gguf"], ["--context-shift"],
+@pytest.mark.parametrize("flag", [["--lora", "a.gguf"], ["--context-shift"],
                                   ["--embedding"], ["--spec-type", "ngram"], ["--media-path", "../tools"]])
 def test_flags_pyllm_cannot_honour_reach_it_and_are_refused(flag, capsys):
     out, _ = suite.pyllm_argv(PRESET + flag, MODEL)

@@ -29,9 +29,10 @@ def test_default_where_the_system_does_not_say_is_llama_servers(monkeypatch):
     assert default_cache_ram_mib() == 8192
 
 
-def test_default_applies_when_unset(monkeypatch):
+def test_unset_stays_unset_in_the_library_and_serve_applies_the_default(monkeypatch):
     monkeypatch.setattr(config_mod, "physical_memory_bytes", lambda: 24 * GiB)
-    assert EngineConfig().cache_ram_mib == 6144
+    assert EngineConfig().cache_ram_mib is None      # the library keeps no host tier unless asked
+    assert default_cache_ram_mib() == 6144           # what `pyllm serve` uses when unset
     assert EngineConfig(cache_ram_mib=0).cache_ram_mib == 0
     assert EngineConfig(cache_ram_mib=-1).cache_ram_mib == -1
 
@@ -47,7 +48,7 @@ def test_more_than_physical_memory_is_refused_naming_the_source(monkeypatch):
 @pytest.mark.parametrize("raw", ["-2", "lots", "1.5", ""])
 def test_bad_cache_ram_values(raw):
     if raw == "":   # blank counts as unset, as for every variable
-        assert EngineConfig.from_env({"LLAMA_ARG_CACHE_RAM": raw}).cache_ram_mib == default_cache_ram_mib()
+        assert EngineConfig.from_env({"LLAMA_ARG_CACHE_RAM": raw}).cache_ram_mib is None
         return
     with pytest.raises(ConfigError, match="LLAMA_ARG_CACHE_RAM"):
         EngineConfig.from_env({"LLAMA_ARG_CACHE_RAM": raw})

@@ -82,6 +82,23 @@ class _EngineCollector:
                 c = CounterMetricFamily(name, doc)
                 c.add_metric([], float(s[key]))
                 yield c
+        if "prompt_cache_bytes" in s:   # the host-memory prompt cache (--cache-ram)
+            for name, key, doc in (
+                ("pyllm_prompt_cache_bytes", "prompt_cache_bytes", "bytes of sequence states held in host memory"),
+                ("pyllm_prompt_cache_entries", "prompt_cache_entries", "sequence states held in host memory"),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], float(s[key]))
+                yield g
+            for name, key, doc in (
+                ("pyllm_prompt_cache_hits", "prompt_cache_hits", "lookups that found a cached prefix in host memory"),
+                ("pyllm_prompt_cache_misses", "prompt_cache_misses", "lookups that found none"),
+                ("pyllm_prompt_cache_restored_tokens", "prompt_cache_restored_tokens",
+                 "prompt tokens restored from host memory instead of recomputed"),
+            ):
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], float(s[key]))
+                yield c
         hist = getattr(engine, "step_histograms", None)
         if hist is not None:
             for name, (buckets, total, _count) in hist().items():

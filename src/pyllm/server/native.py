@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 
-from pyllm.errors import TokenizeError
+from pyllm.errors import ConfigError, SequenceStateError, SlotFilenameError, TokenizeError
+from pyllm.seqstate import check_slot_filename
 from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported
 from pyllm.server.schemas import ApplyTemplateRequest, NativeCompletionRequest
 
@@ -314,6 +315,47 @@ def register(app: FastAPI, h) -> None:
                 slot["n_prompt_tokens"] = r.n_prompt
                 slot["n_decoded"] = len(r.token_ids)
             out.append(slot)
+        return out
+
+    def _slot_call(fn, *args):
+        """An engine slot action; its refusals (a busy slot, a foreign or corrupt file) as 400s."""
+        try:
+            return fn(*args)
+        except (ConfigError, SequenceStateError) as exc:
+            raise APIError(400, str(exc)) from None
+
+    @app.post("/slots/{slot_id}")
+    async def slot_action(slot_id: str, request: Request, action: str = ""):
+        """llama-server's saved sessions: ``?action=save|restore`` with ``{"filename": NAME}`` (a plain name
+        inside --slot-save-path), ``?action=erase``. 501 without --slot-save-path, as llama-server."""
+        eng = h.engine_or_503()
+        try:
+            sid = int(slot_id)
+        except ValueError:
+            raise APIError(400, f"slot id {slot_id!r} is not an integer; expected 0..{eng.n_parallel - 1}") from None
+        if not 0 <= sid < int(eng.n_parallel):
+            raise APIError(400, f"slot id {sid} is out of range; expected 0..{eng.n_parallel - 1}")
+        if action not in ("save", "restore", "erase"):
+            raise APIError(400, f"action={action!r} is not valid; expected save, restore or erase", param="action")
+        if action == "erase":
+            return await asyncio.to_thread(_slot_call, eng.erase_sequence, sid)
+        save_dir = getattr(eng.config, "slot_save_path", None)
+        if not save_dir:
+            raise APIError(501, "this server saves no slots: start it with --slot-save-path DIR")
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise APIError(400, "the body is not JSON; expected {\"filename\": NAME}") from None
+        filename = body.get("filename") if isinstance(body, dict) else None
+        try:
+            path = check_slot_filename(filename, save_dir)
+        except SlotFilenameError as exc:
+            raise APIError(400, str(exc), param="filename") from None
+        t0 = time.perf_counter()
+        fn = eng.save_sequence if action == "save" else eng.restore_sequence
+        out = await asyncio.to_thread(_slot_call, fn, sid, path)
+        ms = (time.perf_counter() - t0) * 1000
+        out["timings"] = {"save_ms" if action == "save" else "restore_ms": ms}
         return out
 
     @app.post("/apply-template")

@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pyllm.config import INT32_MAX, EngineConfig, Environment, check_bool, check_int, check_seconds
+from pyllm.config import INT32_MAX, EngineConfig, Environment, check_bool, check_int, check_seconds, default_cache_ram_mib
 from pyllm.errors import ConfigError
 from pyllm.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 
@@ -193,6 +193,8 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
     from pyllm.batched import BatchedEngine
 
     config = config if config is not None else EngineConfig.from_env()
+    if config.cache_ram_mib is None:  # the server keeps prompts in host memory by default, as llama-server
+        config = config.replace(cache_ram_mib=default_cache_ram_mib())
     settings = settings if settings is not None else ServeSettings.from_env()
     if log.level == logging.NOTSET:   # what was loaded and one line per request: shown unless configured otherwise
         log.setLevel(logging.INFO)
