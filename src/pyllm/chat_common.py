@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from pyllm import _runtime
 from pyllm._ffi import ffi, lib
 from pyllm._handle import NativeHandle
-from pyllm.errors import ChatTemplateError, ConfigError, GrammarError, ToolCallParseError
+from pyllm.errors import BrokenChatTemplateError, ChatTemplateError, ConfigError, GrammarError, ToolCallParseError
 
 #: ``tool_choice`` values llama.cpp accepts (``common_chat_tool_choice_parse_oaicompat``).
 TOOL_CHOICES = ("auto", "none", "required")
@@ -234,13 +234,15 @@ class ChatTemplates(NativeHandle):
     ``source``: the Jinja text; ``bos_token`` / ``eos_token``: the model's, as text (the template's
     ``bos_token`` / ``eos_token`` variables); ``name``: how errors name the template. Raises
     BrokenChatTemplateError when llama.cpp cannot parse it, ChatTemplateError for an empty source.
-    :meth:`apply` may be called from several threads at once; close() frees it (``with`` works)."""
+    close() frees it (``with`` works); use it from one thread at a time.
+
+    llama.cpp's Jinja engine has no time or size limit (unlike :mod:`pyllm.chat`'s sandbox): a template that
+    never ends hangs :meth:`apply` and :attr:`caps`, as it hangs llama-server. Use it with the model's own or
+    a shipped template, not with template text from a request."""
 
     _kind = "chat template"
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", name: str = "template text") -> None:
-        from pyllm.errors import BrokenChatTemplateError
-
         if not isinstance(source, str) or not source.strip():
             raise ChatTemplateError(f"chat template {name} is empty or not a str ({type(source).__name__}); "
                                     "expected the Jinja text of a chat template")

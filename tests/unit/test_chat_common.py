@@ -3,6 +3,7 @@ replies parsed (whole and streamed), JSON schema to grammar, and every failure a
 reason. No weights needed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -211,3 +212,35 @@ def test_grammar_match():
     assert grammar_match('root ::= "é" [^x]', "é日").matched   # code points, not bytes
     with pytest.raises(GrammarError, match="expecting"):
         grammar_match("root = x", "x")
+
+
+def test_a_template_grammar_becomes_sampling_params_and_a_sampler(qwen35):
+    # llama-server's conversion (server-schema.cpp): a trigger word that is one preserved token of the model
+    # becomes a token trigger, another word an escaped regex; the result builds a grammar sampler.
+    from pathlib import Path
+
+    from pyllm.model import Model
+    from pyllm.sampling import Sampler, SamplingParams
+
+    vocab = Path(__file__).resolve().parents[2] / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen35.gguf"
+    p = qwen35.apply(USER, tools=[WEATHER])
+    words = [t for t in p.grammar_triggers if t.type == "word"]
+    assert any(t.value == "<tool_call>" for t in words) and "<tool_call>" in p.preserved_tokens
+    with Model(vocab, vocab_only=True) as qwen:
+        # this vocab-only file has no <tool_call> token (4 pieces): the word is a regex trigger
+        assert len(qwen.tokenize("<tool_call>", add_special=False, parse_special=True)) > 1
+        fields = p.grammar_sampling(qwen)
+        assert fields["grammar_lazy"] and fields["grammar"] == p.grammar
+        assert "<tool_call>" in fields["grammar_trigger_patterns"] and fields["grammar_trigger_tokens"] == ()
+        with Sampler(SamplingParams(temperature=0.6, seed=1, **fields), qwen.n_vocab, model=qwen) as s:
+            assert s.chain[0] == "grammar"
+
+    class OneTokenToolCall:  # a vocabulary where <tool_call> is the single token 7
+        def tokenize(self, text, add_special=False, parse_special=True):  # noqa: ARG002
+            return [7] if text == "<tool_call>" else [1, 2]
+
+    fields = p.grammar_sampling(OneTokenToolCall())
+    assert 7 in fields["grammar_trigger_tokens"] and "<tool_call>" not in fields["grammar_trigger_patterns"]
+    unpreserved = dataclasses.replace(p, preserved_tokens=())
+    with pytest.raises(GrammarError, match="not a preserved token"):
+        unpreserved.grammar_sampling(OneTokenToolCall())
