@@ -226,7 +226,7 @@ class EngineCore:
                 q.popleft()
 
     def bind(self, req: Request, slot, keep: int) -> None:
-        req.start(slot, keep, self.n_vocab)
+        req.start(slot, keep, self.n_vocab, self.model)
         self.scheduler.active.append(req)
         on_device = self.backend_sampling and self._attach_sampler(req)
         with self.lock:
@@ -305,6 +305,8 @@ class EngineCore:
                     token = argmax_biased(lib.llama_get_logits_ith(ctx_ptr, idx), n_vocab, r._bias)
                 elif r._sampler is None:
                     token = int(lib.pyllm_argmax_logits(ctx_ptr, idx, n_vocab))
+                elif r._sampler._grammar is not None:   # the checked path: GrammarError, never an abort
+                    token = r._sampler.sample(self.context, idx)
                 else:
                     token = int(lib.llama_sampler_sample(r._sampler.ptr, ctx_ptr, idx))
                 lp = self.logprob(idx, token, r.n_logprobs) if r.n_logprobs is not None else None

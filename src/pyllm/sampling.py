@@ -113,8 +113,8 @@ class SamplingParams:
     @property
     def backend_capable(self) -> bool:
         """Whether llama.cpp can run this chain inside the decode graph (backend sampling): every sampler
-        it builds has a backend implementation (all but typical-p)."""
-        return self.typical_p >= 1.0
+        it builds has a backend implementation (all but typical-p and a grammar)."""
+        return self.typical_p >= 1.0 and not self.grammar
 
     def with_banned(self, tokens: Iterable[int]) -> "SamplingParams":
         """These params with a -inf bias on ``tokens`` too (``ignore_eos``: the end-of-generation tokens,

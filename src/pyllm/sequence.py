@@ -257,10 +257,11 @@ class Request:
             return list(self._pieces)
 
     # ---- engine side (the thread that runs the core) ----
-    def start(self, slot: Any, keep: int, n_vocab: int) -> None:
-        """Bind to ``slot`` whose first ``keep`` cached tokens are this prompt's; build the sampler chain.
-        What can fail (the chain) comes first, so a request that cannot start holds nothing."""
-        sampler = None if self.sampling.is_plain_greedy else Sampler(self.sampling, n_vocab)
+    def start(self, slot: Any, keep: int, n_vocab: int, model: Any = None) -> None:
+        """Bind to ``slot`` whose first ``keep`` cached tokens are this prompt's; build the sampler chain
+        (``model``: for a grammar, which needs the vocabulary). What can fail (the chain) comes first, so a
+        request that cannot start holds nothing."""
+        sampler = None if self.sampling.is_plain_greedy else Sampler(self.sampling, n_vocab, model=model)
         self._bias = bias_arrays(self.sampling) if sampler is None else None
         self._sampler = sampler
         self._slot, slot.req = slot, self

@@ -92,3 +92,29 @@ def test_a_grammar_that_allows_no_token_is_an_error_not_an_abort(model):
     params = SamplingParams(temperature=0.0, grammar='root ::= "a"').with_banned(model.eog_tokens)
     with pytest.raises(GrammarError, match="allows no token"):
         _generate(model, params, "a", 5)
+
+
+def test_a_json_schema_grammar_through_the_batched_engine(default_model_path):
+    """The engine core builds grammar chains with the model and samples them through the checked path."""
+    import json as _json
+
+    import jsonschema as _jsonschema
+
+    from pyllm.batched import BatchedEngine
+    from pyllm.chat_common import json_schema_to_grammar
+    from pyllm.config import EngineConfig
+    from pyllm.sampling import SamplingParams as _SP
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    sp = _SP(temperature=0.0, grammar=json_schema_to_grammar(schema))
+    with BatchedEngine(EngineConfig(model_path=str(default_model_path), n_ctx=512, n_parallel=2)) as eng:
+        reqs = [eng.submit(p, max_tokens=64, sampling=sp) for p in ("A person:", "JSON of a cat owner:")]
+        for r in reqs:
+            res = r.wait(300)
+            assert res.stop_reason in ("eog", "max_tokens"), res
+            if res.stop_reason == "eog":   # the grammar completed: valid JSON that the schema accepts
+                _jsonschema.validate(_json.loads(res.text), schema)
+            else:                          # cut by max_tokens: still a prefix the grammar allowed
+                assert res.text.lstrip().startswith("{")
