@@ -245,10 +245,10 @@ def test_a_request_that_cannot_start_fails_alone_and_frees_its_slot(served, engi
     url = served()
     real = pyllm.sequence.Sampler   # where a request builds its sampler chain when it is admitted
 
-    def broken(params, n_vocab):
+    def broken(params, n_vocab, **kw):
         if params.top_k == 7:
             raise RuntimeError("injected: this sampler cannot be built")
-        return real(params, n_vocab)
+        return real(params, n_vocab, **kw)
 
     monkeypatch.setattr(pyllm.sequence, "Sampler", broken)
     for stream in (False, True):
