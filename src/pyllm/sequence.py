@@ -84,8 +84,11 @@ class GenerationResult:
 
 
 def check_fits(n_prompt: int, max_tokens: Optional[int], n_ctx: int, where: str = "") -> None:
-    """A prompt plus the tokens asked for must fit the context; nothing is ever silently truncated."""
-    if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
+    """A prompt plus the tokens asked for must fit the context; nothing is ever silently truncated. A
+    prompt that only fills the cache (``max_tokens=0``, as ``Engine.ingest`` and llama-bench's pp test) may
+    take every cell; one that generates needs a cell to spare."""
+    full = n_prompt > n_ctx if max_tokens == 0 else n_prompt >= n_ctx
+    if full or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
         want = n_prompt + (max_tokens or 0)
         raise ContextFullError(
             f"prompt of {n_prompt} tokens + max_tokens={max_tokens} = {want} does not fit in "

@@ -73,3 +73,11 @@ def test_cli_json_is_quiet_and_parses(default_model_path, tmp_path):
     assert out.returncode == 0, out.stderr
     assert [r["test"] for r in json.loads(out.stdout)] == ["pp16", "tg4"]
     assert out.stderr == ""
+
+
+def test_a_prompt_test_that_fills_the_context_exactly_runs(default_model_path):
+    """pp512 gets n_ctx = 512 (llama-bench's sizing): the prompt takes every cell and generates nothing."""
+    params = bench.BenchParams(model_path=str(default_model_path), n_prompt=[512], n_gen=[0], repetitions=1)
+    (row,) = bench.run_bench(params)
+    assert row.skipped is None and row.test == "pp512"
+    assert len(row.samples_ns) == 1 and row.samples_ns[0] > 0

@@ -222,3 +222,11 @@ def test_synthetic_model_with_a_realistic_vocabulary(synthetic, tmp_path):
             b = engine.generate("hello", max_tokens=16, ignore_eos=True)
     assert a.tokens == b.tokens and len(a.tokens) == 16 and all(0 <= t < 32000 for t in a.tokens)
     assert any(t >= 259 for t in a.tokens)  # the padded entries take part in the argmax
+
+
+def test_ingest_may_fill_the_context_but_generation_needs_a_cell(default_model_path):
+    with _engine(default_model_path) as engine:
+        tokens = [1000 + i for i in range(N_CTX)]
+        assert engine.ingest(tokens) == N_CTX
+        with pytest.raises(ContextFullError, match=f"prompt of {N_CTX} tokens"):
+            engine.generate(tokens, max_tokens=1)
