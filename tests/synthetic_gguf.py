@@ -28,9 +28,12 @@ def _gguf():
     return gguf
 
 
-def _vocab(w, gguf, n_vocab: int = 0) -> int:
+def _vocab(w, gguf, n_vocab: int = 0, special_tokens=()) -> int:
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    # Control tokens after the bytes (ids 259, 260 ...): a template's markup such as <tool_call>.
+    tokens += [t.encode() for t in special_tokens]
+    types += [gguf.TokenType.CONTROL] * len(special_tokens)
     if n_vocab > len(tokens):
         # Pad to a realistic vocabulary size (e.g. 151936) with distinct normal pieces: the output
         # layer, the logits copied per token and the greedy argmax then cost what they do for a real model.
@@ -73,17 +76,23 @@ def _rand(rng, *shape, dtype=np.float16, scale=0.02):
 
 
 def write_llama(path, *, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=512, n_ctx_train=8192,
-                seed=0, dtype=np.float16, n_vocab=0, chat_template=None) -> Path:
+                seed=0, dtype=np.float16, n_vocab=0, chat_template=None, add_space_prefix=None,
+                special_tokens=()) -> Path:
     """A llama model with GQA; head size n_embd / n_head; n_vocab > 259 pads the byte vocabulary;
-    ``chat_template`` (Jinja text) is written as tokenizer.chat_template."""
+    ``chat_template`` (Jinja text) is written as tokenizer.chat_template; ``add_space_prefix=False``: the
+    tokenizer adds no leading space (as the BPE vocabularies of GLM and Qwen, whose templates' generation
+    prompts a grammar then reads token by token as the text itself); ``special_tokens``: texts added as control
+    tokens with ids 259, 260 ... (a template's markup, e.g. ``<tool_call>``)."""
     gguf = _gguf()
     rng = np.random.default_rng(seed)
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"synthetic-llama-{n_layer}L-{n_embd}")
-    n_vocab = _vocab(w, gguf, n_vocab)
+    n_vocab = _vocab(w, gguf, n_vocab, special_tokens)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
     hd = n_embd // n_head
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)

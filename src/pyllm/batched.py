@@ -137,6 +137,7 @@ class BatchedEngine:
         logprobs: Optional[int] = None,
         cache_prompt: Optional[bool] = None,
         token_hook: Optional[TokenHook] = None,
+        preserved_tokens: Sequence[int] = (),
     ) -> Request:
         """Queue a generation; thread-safe. Returns at once with a Request.
 
@@ -151,6 +152,8 @@ class BatchedEngine:
         ``logprobs``: None, or k in [0, 20]: ``Request.logprobs`` then gets each generated token's
         TokenLogprob with its k most likely alternatives (read from the logits row in the engine thread).
         ``token_hook``: called on the engine thread for each generated token (``pyllm.sequence.TokenHook``).
+        ``preserved_tokens``: control-token ids whose text stays in the output (llama-server's
+        ``preserved_tokens``, e.g. ``<tool_call>`` for a tool-call parser); other control tokens have no text.
         Raises ConfigError (bad arguments), ContextFullError (can never fit one sequence), QueueFullError
         (``n_parallel + max_queue`` requests unfinished), ClosedError.
         """
@@ -161,7 +164,8 @@ class BatchedEngine:
         req = self._core.make_request(
             prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
             parse_special=parse_special, logprobs=logprobs,
-            cache_prompt=self.cache_prompt if cache_prompt is None else cache_prompt, token_hook=token_hook)
+            cache_prompt=self.cache_prompt if cache_prompt is None else cache_prompt, token_hook=token_hook,
+            preserved_tokens=preserved_tokens)
         req._wake = self._wake
         try:
             self._core.enqueue(req, self.max_queue)

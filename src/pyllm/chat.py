@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from pyllm._ffi import ffi, lib
 from pyllm.errors import BrokenChatTemplateError, ChatTemplateError
@@ -371,28 +371,17 @@ class ChatTemplate:
         tokens, message text included): only for clients that rely on writing control tokens themselves.
         Raises ChatTemplateError as :meth:`render` does.
         """
-        controls = model.control_tokens()
-        if special_in_messages or not controls:
-            hide = restore = lambda v: v  # noqa: E731
-            ph = None
-        else:
-            ph = _Placeholders()
-            hide = lambda v: ph.hide_all(v, controls)  # noqa: E731
-            restore = ph.restore
-        msgs = hide(list(messages)) if isinstance(messages, (list, tuple)) else messages
-        hidden_tools, kwargs = hide(tools), hide(template_kwargs)
-        text = self.render(msgs, add_generation_prompt=add_generation_prompt, tools=hidden_tools, **kwargs)
-        if ph is not None:
-            ph.check_intact(text, self.source)
-        generation_prompt = ""
-        if add_generation_prompt:
-            without = self.render(msgs, add_generation_prompt=False, tools=hidden_tools, **kwargs)
-            if text.startswith(without):
-                generation_prompt = restore(text[len(without):])
-        pieces = [restore(p) if isinstance(p, str) else p for p in controls.partition(text)] if controls else [text]
-        if pieces and pieces[0] == model.bos and model.add_bos:
-            pieces = pieces[1:]  # the template wrote the BOS llama.cpp adds: one BOS (Model.tokenize_prompt's rule)
-        return ChatPrompt(restore(text), tokenize_prompt(model, pieces, add_special=True), generation_prompt)
+        def render(msgs, hidden_tools, kwargs):
+            text = self.render(msgs, add_generation_prompt=add_generation_prompt, tools=hidden_tools, **kwargs)
+            generation_prompt = ""
+            if add_generation_prompt:
+                without = self.render(msgs, add_generation_prompt=False, tools=hidden_tools, **kwargs)
+                if text.startswith(without):
+                    generation_prompt = text[len(without):]
+            return text, generation_prompt, None
+
+        return render_safely(render, model, messages, tools, template_kwargs, special_in_messages=special_in_messages,
+                             source=self.source)[0]
 
     def _render_builtin(self, msgs: list[dict], add_assistant: bool, tools: Optional[list], kwargs: dict) -> str:
         if tools:
@@ -824,6 +813,31 @@ class ChatPrompt:
     text: str
     tokens: list[int]
     generation_prompt: str = ""
+
+
+def render_safely(render: Callable[[Any, Any, dict], tuple[str, str, Any]], model: Any, messages: Any, tools: Any,
+                  template_kwargs: dict, *, special_in_messages: bool = False, source: str = "template") -> tuple[ChatPrompt, Any]:
+    """Render a conversation and tokenize it so that only the template's own markup becomes control tokens
+    (see :meth:`ChatTemplate.render_prompt`): ``render(messages, tools, template_kwargs)`` returns (the prompt
+    text, the generation prompt, anything else) for the values it is given, in which control-token text
+    from the caller has been replaced by stand-ins; returns (the ChatPrompt, that anything else). Any
+    renderer works this way: pyllm's Jinja sandbox, or llama.cpp's (pyllm.chat_common)."""
+    controls = model.control_tokens()
+    if special_in_messages or not controls:
+        hide = restore = lambda v: v  # noqa: E731
+        ph = None
+    else:
+        ph = _Placeholders()
+        hide = lambda v: ph.hide_all(v, controls)  # noqa: E731
+        restore = ph.restore
+    msgs = hide(list(messages)) if isinstance(messages, (list, tuple)) else messages
+    text, generation_prompt, extra = render(msgs, hide(tools), hide(template_kwargs))
+    if ph is not None:
+        ph.check_intact(text, source)
+    pieces = [restore(p) if isinstance(p, str) else p for p in controls.partition(text)] if controls else [text]
+    if pieces and pieces[0] == model.bos and model.add_bos:
+        pieces = pieces[1:]  # the template wrote the BOS llama.cpp adds: one BOS (Model.tokenize_prompt's rule)
+    return ChatPrompt(restore(text), tokenize_prompt(model, pieces, add_special=True), restore(generation_prompt)), extra
 
 
 def tokenize_prompt(model: Any, pieces: Sequence[Union[str, int]], *, add_special: bool) -> list[int]:

@@ -133,7 +133,8 @@ class EngineCore:
 
     def make_request(self, prompt: Union[str, Sequence[int]], *, max_tokens: Optional[int], sampling: SamplingParams,
                      stop: Union[str, Sequence[str]], ignore_eos: bool, parse_special: bool,
-                     logprobs: Optional[int], cache_prompt: bool, token_hook: Optional[TokenHook] = None) -> Request:
+                     logprobs: Optional[int], cache_prompt: bool, token_hook: Optional[TokenHook] = None,
+                     preserved_tokens: Sequence[int] = ()) -> Request:
         """Validate a generation's arguments (ConfigError / ContextFullError naming the bad value) and
         build its Request; nothing is queued yet."""
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
@@ -153,6 +154,12 @@ class EngineCore:
                 raise ConfigError(f"{name}={value!r} is not a bool; expected True or False")
         if token_hook is not None and not callable(token_hook):
             raise ConfigError(f"token_hook={token_hook!r} is not callable")
+        try:
+            preserved = frozenset(preserved_tokens)
+        except TypeError:
+            raise ConfigError(f"preserved_tokens={preserved_tokens!r}: expected a collection of token ids") from None
+        if preserved:
+            self.model.check_tokens(list(preserved))
         if ignore_eos:
             sampling = sampling.with_banned(self.model.eog_tokens)
         sampling.check_vocab(self.n_vocab)
@@ -168,7 +175,9 @@ class EngineCore:
         if sampling.seed is None and self.config.seed is not None and not sampling.is_plain_greedy:
             sampling = SamplingParams(**{**sampling.__dict__, "seed": self.config.seed})
         want = len(tokens) + max_tokens if max_tokens is not None else limit
-        return Request(tokens, max_tokens, sampling, stops, ignore_eos, want, logprobs, cache_prompt, token_hook)
+        req = Request(tokens, max_tokens, sampling, stops, ignore_eos, want, logprobs, cache_prompt, token_hook)
+        req.preserved_tokens = preserved
+        return req
 
     def enqueue(self, req: Request, max_queue: Optional[int]) -> None:
         """Queue ``req`` (any thread); QueueFullError when ``n_parallel + max_queue`` are unfinished."""
@@ -311,7 +320,7 @@ class EngineCore:
                     token = int(lib.llama_sampler_sample(r._sampler.ptr, ctx_ptr, idx))
                 lp = self.logprob(idx, token, r.n_logprobs) if r.n_logprobs is not None else None
                 before = len(r.token_ids)
-                reason = r.accept(token, self.piece(token), bool(lib.llama_vocab_is_eog(self._vocab, token)), lp)
+                reason = r.accept(token, self.piece(token, token in r.preserved_tokens), bool(lib.llama_vocab_is_eog(self._vocab, token)), lp)
                 n_gen += len(r.token_ids) - before
                 if reason is None and r._pos >= r._reserve and not self.scheduler.grow(r):
                     reason = "context_full"
@@ -393,12 +402,13 @@ class EngineCore:
             self.finish_unadmitted(req, "cancelled")
 
     # ---- tokens and logits ----
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The token's text as bytes; a control token is empty unless ``special`` (then its own text)."""
         buf = self._piece_buf
-        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             self._piece_buf = buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return ffi.unpack(buf, n)
 
     def logprob(self, idx: int, token: int, k: int) -> TokenLogprob:

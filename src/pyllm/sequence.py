@@ -134,6 +134,9 @@ class Request:
         self.ignore_eos = ignore_eos
         self.cache_prompt = cache_prompt          # reuse a cached prefix, keep the cells as one when done
         self.token_hook = token_hook
+        # Control tokens whose text stays in the output (llama-server's preserved_tokens: <tool_call> ...,
+        # which a tool-call parser reads); other control tokens have no text.
+        self.preserved_tokens: frozenset[int] = frozenset()
         self.token_ids: list[int] = []           # generated ids so far (appended by the engine thread)
         self.token_ns: list[int] = []            # perf_counter_ns when each token was sampled
         self.n_logprobs = logprobs                # None: none; k: each token's logprob and its top k alternatives

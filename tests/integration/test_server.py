@@ -247,7 +247,7 @@ BAD = [
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', 400, "temperature"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n=2"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 99}', 400, "n=99 is out of range"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', 400, "stop"),
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid JSON"),
     (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "UTF-8"),
@@ -374,6 +374,22 @@ def test_metrics_are_prometheus_text(http, engine):
                  "pyllm_engine_tokens_generated_total", "pyllm_time_to_first_token_seconds_count"):
         assert _metric(text, name) >= 0
     assert _metric(text, "pyllm_engine_tokens_generated_total") >= 5
+
+
+def test_kv_cache_usage_ratio_is_the_running_requests_share(http, engine):
+    """The 0..1 gauge a router reads: running requests' cells over the pool, idle prefix caches excluded."""
+    _wait_idle(engine)
+    assert _metric(http.get("/metrics").text, "pyllm_kv_cache_usage_ratio") == 0.0
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        next(r.iter_lines())
+        running = _metric(http.get("/metrics").text, "pyllm_kv_cache_usage_ratio")
+        reserved = engine.stats()["kv_cells_reserved"]
+    assert 0.0 < running <= 1.0
+    assert running >= min(1.0, reserved / N_CTX) - 1e-9 or reserved == 0
+    _wait_idle(engine)
+    assert _metric(http.get("/metrics").text, "pyllm_kv_cache_usage_ratio") == 0.0
+    assert _metric(http.get("/metrics").text, "pyllm_kv_cells_cached") > 0   # the idle cache stays, uncounted
 
 
 def test_health_is_503_while_the_model_loads(engine):

@@ -156,7 +156,6 @@ def test_typical_p_and_repeat_last_n_reach_the_sampler(http, engine):
 REFUSED = [
     ("mirostat", 2), ("dry_multiplier", 0.8), ("xtc_probability", 0.5), ("top_n_sigma", 1.0),
     ("dynatemp_range", 0.5), ("samplers", ["top_k", "temperature"]), ("min_keep", 5), ("lora", [{"id": 0, "scale": 1}]),
-    ("grammar", "root ::= \"yes\""), ("json_schema", {"type": "object"}), ("response_format", {"type": "json_object"}),
     ("n_indent", 4), ("t_max_predict_ms", 100), ("n_cache_reuse", 256), ("n_probs", 3), ("post_sampling_probs", True),
     ("n_cmpl", 2), ("response_fields", ["content"]), ("return_tokens", True), ("timings_per_token", True),
     ("reasoning_format", "deepseek-legacy"), ("reasoning_budget_tokens", 16), ("parse_tool_calls", True),
@@ -173,9 +172,10 @@ def test_unimplemented_output_fields_are_400_naming_them(http, path, field, valu
     assert "not supported" in _bad(http, path, {field: value}, field)
 
 
-def test_forced_tool_calls_and_completion_only_limits_are_refused(http):
+def test_forced_tool_calls_without_tools_and_completion_only_fields_are_refused(http):
     for choice in ("required", {"type": "function", "function": {"name": "f"}}):
         _bad(http, "/v1/chat/completions", {"tool_choice": choice}, "tool_choice")
+    _bad(http, "/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")
     _bad(http, "/v1/completions", {"reasoning_effort": "low"}, "reasoning_effort")
     _bad(http, "/v1/completions", {"echo": True}, "echo")
 

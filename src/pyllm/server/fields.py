@@ -5,7 +5,7 @@ The rule: a field that changes the output is honoured, or refused with a 400 who
 it. A field that changes nothing here is accepted: OpenAI's bookkeeping (``user``, ``metadata``,
 ``store``, ``service_tier`` ...), llama-server's transport and slot knobs, a sampler's parameter whose
 sampler is off (``mirostat_tau`` without ``mirostat``), and any refused field sent with its neutral
-value (``mirostat: 0``, ``typical_p: 1``, ``tool_choice: "auto"``): clients that send every field with
+value (``mirostat: 0``, ``typical_p: 1``, ``min_keep: 1``): clients that send every field with
 its default keep working. Names and forms are OpenAI's and llama-server's (``params_from_json`` in
 ``tools/server/server-schema.cpp`` and ``server-common.cpp`` at the pin).
 
@@ -13,7 +13,9 @@ The same table serves llama-server's native ``/completion`` (pyllm.server.native
 its entries (``n_probs``, ``return_tokens``, ``response_fields``: ``refuse_unsupported(honoured=...)``), and
 the Responses API (pyllm.server.responses), whose requests become chat requests. ``verbose`` is honoured
 everywhere (``__verbose`` in the response) and ``reasoning_format`` takes ``none`` (the reasoning stays in
-``content``) besides ``auto``/``deepseek``.
+``content``) besides ``auto``/``deepseek``. Tool calls and constrained output (``tools``, ``tool_choice``,
+``parallel_tool_calls``, ``response_format``, ``json_schema``, ``grammar``) are read by
+pyllm.server.constraints, and ``n`` by ``Serving.check_n``.
 """
 from __future__ import annotations
 
@@ -53,17 +55,11 @@ def _empty(v: Any) -> bool:
     return v is None or v == "" or v == [] or v == {}
 
 
-def _text_format(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and v.get("type", "text") == "text")
-
-
 def _no_forced_tool(v: Any) -> bool:
     return v is None or v in ("auto", "none")
 
 
-_STRUCTURED = ("constrained output (grammar, json_schema, response_format json_object/json_schema) is not "
-               "implemented yet")
-_TOOL_CALLS = "tool calls are not parsed (the reply comes back as text), so a required or named call cannot be given"
+_TOOL_CALLS = "use tools and tool_choice (function_call is the deprecated form)"
 
 # name -> (is the value neutral?, why it is refused otherwise)
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -78,10 +74,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_keep": (_off(0, 1), "min_keep is fixed at 1"),
     "lora": (_empty, "LoRA adapters are not supported"),
     "backend_sampling": (_off(False), "backend sampling is not supported"),
-    # constrained output: the structured-output issue
-    "grammar": (_empty, _STRUCTURED),
-    "json_schema": (lambda v: v is None, _STRUCTURED),
-    "response_format": (_text_format, _STRUCTURED),
     # llama-server's generation limits and response shapes that are not implemented
     "n_indent": (_off(0), "n_indent is not implemented"),
     "t_max_predict_ms": (_at_most(0), "t_max_predict_ms is not implemented"),
@@ -100,7 +92,7 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasoning_budget_tokens": (_off(-1), "a reasoning budget is not implemented"),
     "thinking_budget_tokens": (_off(-1), "a reasoning budget is not implemented"),
     "reasoning_control": (_off(False), "a reasoning budget is not implemented"),
-    "parse_tool_calls": (_off(False), _TOOL_CALLS),
+    "parse_tool_calls": (_off(False), "tool calls are parsed whenever tools are given (llama-server's internal field)"),
     "chat_format": (lambda v: v is None, "the chat format is the server's"),
     "chat_parser": (lambda v: v is None, "the chat parser is the server's"),
     "generation_prompt": (lambda v: v is None, "the generation prompt comes from the chat template"),
@@ -113,7 +105,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "modalities": (lambda v: v is None or v == ["text"], "text is the only output modality"),
     "functions": (_empty, "use tools (functions are the deprecated form)"),
     "function_call": (_no_forced_tool, _TOOL_CALLS),
-    "tool_choice": (_no_forced_tool, _TOOL_CALLS),
     "verbosity": (_off("medium"), "verbosity is not implemented"),
     "web_search_options": (lambda v: v is None, "web search is not supported"),
 }
@@ -159,8 +150,6 @@ def max_tokens_of(body) -> Optional[int]:
 def sampling_of(body, model, defaults: Optional[dict] = None) -> SamplingParams:
     """The request's SamplingParams: its fields, else the server's ``defaults`` (``--temp``), else
     llama.cpp's defaults."""
-    if body.n is not None and body.n != 1:
-        raise FieldError(f"n={body.n} is not supported; this server returns one choice (n=1)", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value not in (None, 0, 0.0):

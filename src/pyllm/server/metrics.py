@@ -58,6 +58,15 @@ class _EngineCollector:
         g = GaugeMetricFamily("pyllm_kv_cells_total", "KV cache cells allocated (n_ctx)")
         g.add_metric([], float(n_ctx))
         yield g
+        # What a load-aware router reads (vLLM's kv_cache_usage_perc, the Gateway API inference extension's
+        # KV-utilisation signal): the share of the cells that running requests hold or have reserved. Idle
+        # prefix caches are not counted: they are evicted whenever a request needs their cells.
+        held = max(float(s.get("kv_cells_reserved", 0)), float(s.get("kv_cells_used", 0)) - float(s.get("kv_cells_cached", 0)))
+        g = GaugeMetricFamily("pyllm_kv_cache_usage_ratio",
+                              "KV cells held or reserved by running requests / cells allocated, 0..1 (idle prefix "
+                              "caches, which are evictable, excluded)")
+        g.add_metric([], min(1.0, held / n_ctx) if n_ctx else 0.0)
+        yield g
         kv = self._kv_bytes()
         if kv:
             g = GaugeMetricFamily("pyllm_kv_cache_bytes", "KV cache bytes allocated, per cache and data type",

@@ -11,6 +11,7 @@ differs is the shape: a native completion answers ``content``, ``tokens``, ``sto
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 
 from pyllm.errors import ConfigError, SequenceStateError, SlotFilenameError, TokenizeError
 from pyllm.seqstate import check_slot_filename
+from pyllm.server.constraints import constraint_of
 from pyllm.server.fields import UNLIMITED, FieldError, max_tokens_of, refuse_unsupported
 from pyllm.server.schemas import ApplyTemplateRequest, NativeCompletionRequest
 
@@ -198,6 +200,12 @@ def register(app: FastAPI, h) -> None:
         name = h.check_model(body.model)
         refuse_unsupported(body, honoured=NATIVE_FIELDS)
         sampling, stops = h.sampling_of(body, eng.model), h.stops(body.stop)
+        if body.n not in (None, 1):
+            raise APIError(400, f"n={body.n!r}: /completion returns one completion per prompt (n_cmpl is llama-server's "
+                                "field for more, not supported here; /v1/completions takes n)", param="n")
+        cons = constraint_of(body, chat=False)
+        if cons.active:   # llama-server's json_schema / grammar: the grammar from the first token
+            sampling = dataclasses.replace(sampling, grammar=cons.plain_grammar())
         n_probs = body.n_probs or 0
         if not 0 <= n_probs <= h.max_top_logprobs:
             raise APIError(400, f"n_probs={n_probs} is out of range; expected an integer in [0, {h.max_top_logprobs}]",
