@@ -286,6 +286,27 @@ def test_a_whole_tool_loop_history():
         "parameters": WEATHER["input_schema"]}}]
 
 
+def test_translations_are_valid_chat_requests():
+    """What the chat endpoint validates (strictly, from JSON, as pyllm.server.responses hands its requests on)."""
+    from pyllm.server.schemas import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": ""},
+                                              {"type": "text", "text": "x"},
+                                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                               "input": {"location": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18"},
+                                         {"type": "text", "text": "ok"}]}]
+    for extra in ({}, {"max_tokens": 0}, {"stream": True, "temperature": 1, "top_p": 0.9, "top_k": 4, "seed": 3},
+                  {"tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}},
+                  {"thinking": {"type": "enabled", "budget_tokens": 2000}, "stop_sequences": ["a"]}):
+        chat = anthropic_to_chat(_body(messages=msgs, system="s", tools=[WEATHER], **extra))
+        req = ChatCompletionRequest.model_validate_json(json.dumps(chat))
+        assert [m.role for m in req.messages] == ["system", "user", "assistant", "tool", "user"]
+        assert req.tools == chat["tools"] and (req.max_tokens, req.n_predict) == (chat.get("max_tokens"),
+                                                                                  chat.get("n_predict"))
+
+
 def test_tools_translate_and_server_tools_are_refused():
     tools = [WEATHER, {"name": "noop", "input_schema": {"type": "object"}, "type": "custom",
                        "cache_control": {"type": "ephemeral"}},
