@@ -59,6 +59,7 @@ class GenerationResult:
     n_prompt_decoded: int = 0        # prompt tokens actually decoded
     n_prompt_cached: int = 0         # prompt tokens whose K/V were reused from the cache instead of decoded
     error: Optional[BaseException] = None  # what ended a generation with stop_reason ERROR
+    stop_word: Optional[str] = None  # the stop string that ended it (stop_reason STOP)
 
     @property
     def n_generated(self) -> int:
@@ -173,6 +174,11 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancelled
+
+    @property
+    def n_prompt_cached(self) -> int:
+        """Prompt tokens whose K/V came from a cache (known once the request is admitted; 0 before)."""
+        return self._n_cached
 
     def cancel(self) -> None:
         """Stop this request: thread-safe and idempotent. Its KV cells are freed at the engine's next
@@ -322,6 +328,7 @@ class Request:
             prompt_ns=(t_first - self._t_admit) if self._t_admit else 0, gen_ns=now - t_first if self._t_first else 0,
             n_prompt_decoded=max(0, min(self._pos, self.n_prompt) - self._n_cached) if self._t_admit else 0,
             n_prompt_cached=self._n_cached, error=error,
+            stop_word=self._text.stop_word if self._text is not None else None,
         )
         self._publish(result=result)
         return result

@@ -6,7 +6,7 @@ characters are held back (and searched) while a stop string might still be formi
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 class TextStream:
@@ -16,6 +16,7 @@ class TextStream:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.stop_word: Optional[str] = None   # the stop string that ended the text (the earliest in it)
 
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; return the text that is now safe to emit ('' if none).
@@ -26,8 +27,10 @@ class TextStream:
             return ""
         pending = self._pending + self._decoder.decode(data)
         if self.stops:
-            hit = min((i for i in (pending.find(s) for s in self.stops) if i >= 0), default=-1)
+            found = [(i, s) for s in self.stops if (i := pending.find(s)) >= 0]
+            hit = min(found)[0] if found else -1
             if hit >= 0:
+                self.stop_word = next(s for i, s in found if i == hit)
                 self.stopped = True
                 self._pending = ""
                 return pending[:hit]

@@ -269,3 +269,83 @@ def test_a_grammar_cut_by_max_tokens_ends_with_length_and_the_partial_text(gemma
     choice = out["choices"][0]
     assert choice["finish_reason"] == "length"
     assert choice["message"]["content"].startswith("[1")
+
+
+# ---- Anthropic's Messages API, with the official client ----
+def _anthropic(url: str):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic, anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+
+
+def test_anthropic_messages_tool_loop_with_the_official_client(glm):
+    anthropic, client = _anthropic(glm[0])
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    force = {"extra_body": {"logit_bias": {str(TOOL_CALL_ID): 100}, "temperature": 0,
+                            "chat_template_kwargs": {"enable_thinking": False}}}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.messages.create(model="glm-tools.gguf", max_tokens=120, messages=msgs, tools=[tool],
+                                   tool_choice={"type": "tool", "name": "get_weather",
+                                                "disable_parallel_tool_use": True}, **force)
+    assert first.stop_reason == "tool_use", first
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, tool["input_schema"])
+    assert use.name == "get_weather" and use.id
+    assert first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0) > 0
+    # the result goes back as a tool_result block; the model answers
+    history = msgs + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                    "content": "Sunny, 21 C"}]}]
+    final = client.messages.create(model="glm-tools.gguf", max_tokens=6, messages=history, tools=[tool],
+                                   extra_body={"chat_template_kwargs": {"enable_thinking": False}, "temperature": 0})
+    assert final.stop_reason in ("end_turn", "max_tokens") and final.role == "assistant"
+    # streamed: the client assembles the same tool_use block from input_json_delta events
+    with client.messages.stream(model="glm-tools.gguf", max_tokens=120, messages=msgs, tools=[tool],
+                                tool_choice={"type": "tool", "name": "get_weather",
+                                             "disable_parallel_tool_use": True}, **force) as stream:
+        streamed = stream.get_final_message()
+    (suse,) = [b for b in streamed.content if b.type == "tool_use"]
+    assert streamed.stop_reason == "tool_use" and suse.input == use.input
+    # count_tokens: the prompt the same request renders
+    n = client.messages.count_tokens(model="glm-tools.gguf", messages=msgs, tools=[tool])
+    assert n.input_tokens == first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0)
+
+
+def test_anthropic_messages_on_the_default_model(gemma):
+    anthropic, client = _anthropic(gemma[0])
+    out = client.messages.create(model="gemma-3-270m-q4_k_m", max_tokens=8, system="Be brief.",
+                                 messages=[{"role": "user", "content": "Name a color."}],
+                                 stop_sequences=["\n"])
+    assert out.type == "message" and out.content and out.content[0].type == "text"
+    assert out.stop_reason in ("end_turn", "max_tokens", "stop_sequence")
+    if out.stop_reason == "stop_sequence":
+        assert out.stop_sequence == "\n"
+    text = ""
+    with client.messages.stream(model="gemma-3-270m-q4_k_m", max_tokens=8, messages=[{"role": "user", "content": "Hi"}]) as s:
+        for piece in s.text_stream:
+            text += piece
+        final = s.get_final_message()
+    assert final.content[0].text == text and final.usage.output_tokens >= 1
+    # errors come in Anthropic's shape, and the server keeps serving
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        client.messages.create(model="gemma-3-270m-q4_k_m", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
+    assert exc.value.body["type"] == "error" and exc.value.body["error"]["type"] == "invalid_request_error"
+    r = httpx.post(gemma[0] + "/v1/messages", json={"messages": [{"role": "user", "content": "x"}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in r.json()["error"]["message"]
+    assert client.messages.create(model="gemma-3-270m-q4_k_m", max_tokens=2, messages=[{"role": "user", "content": "x"}]).content
+
+
+def test_anthropic_auth_error_shape(default_model_path, gemma):
+    _, eng = gemma
+    server = Running(create_app(eng, api_key="sekrit"))
+    try:
+        r = httpx.post(server.url + "/v1/messages", json={"max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+                       timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": "sekrit"}, timeout=60,
+                       json={"max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200 and r.json()["type"] == "message"
+    finally:
+        server.stop()

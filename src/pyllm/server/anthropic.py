@@ -150,7 +150,7 @@ IGNORED = ("metadata", "service_tier", "cache_control", "inference_geo", "speed"
 
 #: llama-server's sampling extensions, passed to the chat request as they are (the chat layer validates and
 #: honours them). llama-server's own converter passes only ``chat_template_kwargs`` and drops the rest.
-EXTENSIONS = ("chat_template_kwargs", "seed", "min_p", "repeat_penalty", "repeat_last_n", "typical_p")
+EXTENSIONS = ("chat_template_kwargs", "seed", "min_p", "repeat_penalty", "repeat_last_n", "typical_p", "logit_bias")
 
 #: Refused top-level fields, with the reason.
 REFUSED = {

@@ -11,18 +11,17 @@ import asyncio
 import contextlib
 import logging
 import threading
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pyllm.chat import ChatTemplate
 from pyllm.errors import ConfigError
 from pyllm.sampling import SamplingParams
 import pyllm.server.admin as admin
 import pyllm.server.chat_completions as chat_completions
 import pyllm.server.completions as completions
+import pyllm.server.messages as messages
 import pyllm.server.metrics as _metrics
 import pyllm.server.native as native
 import pyllm.server.responses as responses
@@ -35,38 +34,6 @@ from pyllm.server.serving import Serving
 log = logging.getLogger("pyllm.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-def _kv_info(engine) -> Optional[dict]:
-    """KV bytes per cache and type, read once (they are fixed at allocation)."""
-    try:
-        fn = getattr(engine, "kv_cache_bytes", None) or engine.context.kv_cache_bytes
-        kv = fn()
-        return {"k": kv.k, "v": kv.v, "type_k": kv.type_k, "type_v": kv.type_v}
-    except Exception as exc:  # metrics must never stop the server from starting
-        log.warning("KV cache bytes unavailable for /metrics: %s", exc)
-        return None
-
-
-def _startup_summary(engine, kv: Optional[dict], template: Optional[ChatTemplate], names: Sequence[str]) -> str:
-    """One line saying what the server loaded: the model, the context, the KV cache, the chat template."""
-    model, ctx = engine.model, engine.context
-    mib = 1024 * 1024
-    kv_text = (f"K {kv['type_k']} {kv['k'] / mib:.1f} MiB + V {kv['type_v']} {kv['v'] / mib:.1f} MiB"
-               if kv else f"K {ctx.type_k} + V {ctx.type_v}")
-    return (f"serving {Path(str(model.path)).name} ({model.desc}) as {', '.join(repr(n) for n in names)}: "
-            f"n_ctx={engine.n_ctx} ({engine.n_ctx_seq} per sequence), n_parallel={engine.n_parallel}, "
-            f"KV cache {kv_text}, flash_attn={'on' if ctx.flash_attn else 'off'}, chat template: "
-            + (template.source if template is not None else "none (only /v1/completions works)"))
-
-
-def _ctx_per_sequence(engine) -> int:
-    """Tokens one request may occupy: the whole context if unified, else the sequence's share."""
-    s = engine.stats()
-    for key in ("n_ctx_seq", "n_ctx_per_seq"):
-        if s.get(key):
-            return int(s[key])
-    return int(engine.n_ctx)
 
 
 def create_app(
@@ -210,4 +177,5 @@ def create_app(
     chat_completions.register(app, h)
     responses.register(app, h)
     completions.register(app, h)
+    messages.register(app, h)
     return app

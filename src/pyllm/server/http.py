@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 import pyllm.server.metrics as _metrics
@@ -70,6 +70,10 @@ class Guard:
     async def _reject(self, send, err: APIError, endpoint: str) -> None:
         self.metrics.requests.labels(endpoint, str(err.status)).inc()
         resp = err.response()
+        if endpoint.startswith("/v1/messages"):   # Anthropic's clients read Anthropic's error shape
+            kind = {401: "authentication_error", 413: "request_too_large"}.get(err.status, "invalid_request_error")
+            resp = JSONResponse({"type": "error", "error": {"type": kind, "message": err.message}},
+                                status_code=err.status, headers=err.headers)
         await send({"type": "http.response.start", "status": err.status, "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
 

@@ -100,36 +100,47 @@ class CommonReply(Reply):
     """llama.cpp's parser for the request's template and tools (``ChatParams.make_parser()``). Streaming
     follows llama-server's ``update_chat_msg``: the text so far is parsed as partial after each piece, the
     differences go out as deltas, and the last parse is complete. A reply that does not parse as the
-    format when complete (a tool call cut short by ``max_tokens``, say) keeps what parsed so far, as
-    llama-server does, and the failure is logged."""
+    format when complete (markup the template's grammar allowed but its parser refuses, a call cut short)
+    keeps its reasoning and comes back whole as ``content``, without tool calls, and the failure is
+    logged (llama-server answers an error there; the text is the client's to judge)."""
 
     def __init__(self, parser: ChatParser) -> None:
         self.parser = parser
         self.final: Optional[ParsedMessage] = None
+        self.text = ""
+        self.sent_content = ""
 
     @property
     def has_tool_calls(self) -> bool:  # type: ignore[override]
         return bool(self.final is not None and self.final.tool_calls)
 
+    def _track(self, deltas: list[dict]) -> list[dict]:
+        self.sent_content += "".join(d.get("content", "") for d in deltas)
+        return deltas
+
     def feed(self, piece: str) -> list[dict]:
         if not piece:
             return []
+        self.text += piece
         try:
             _msg, diffs = self.parser.update(piece, is_partial=True)
         except ToolCallParseError as exc:   # partial parses do not fail in llama.cpp; keep the text if one does
             log.warning("partial reply did not parse: %s", exc)
             return []
-        return _openai_deltas(diffs)
+        return self._track(_openai_deltas(diffs))
 
     def finish(self) -> list[dict]:
         try:
             msg, diffs = self.parser.update("", is_partial=False)
         except ToolCallParseError as exc:
-            log.warning("the reply does not parse as %s when complete; keeping what parsed so far: %s",
+            log.warning("the reply does not parse as %s when complete; it is returned as content: %s",
                         self.parser.format, exc)
-            msg, diffs = self.parser.update("", is_partial=True)
+            partial, _ = self.parser.update("", is_partial=True)
+            self.final = ParsedMessage(content=self.text, reasoning_content=partial.reasoning_content)
+            rest = self.text[len(self.sent_content):] if self.text.startswith(self.sent_content) else self.text
+            return self._track([{"content": rest}] if rest else [])
         self.final = msg
-        return _openai_deltas(diffs)
+        return self._track(_openai_deltas(diffs))
 
     def message(self, text: str) -> dict:
         self.feed(text)

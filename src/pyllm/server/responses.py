@@ -109,7 +109,7 @@ def to_chat(body: Any) -> dict:
 
 def register(app: FastAPI, h) -> None:
     """Add /v1/responses and /responses to ``app`` (``h``: create_app's shared helpers)."""
-    APIError, _EventStream = h.APIError, h.EventStream
+    _EventStream = h.EventStream
 
     def usage_of(result) -> dict:
         u = h.usage(result)

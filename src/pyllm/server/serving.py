@@ -85,6 +85,29 @@ def check_tool_history(messages: list[dict]) -> None:
                                     f"{', '.join(sorted(map(str, ids)))})", param=f"messages[{i}].tool_call_id")
 
 
+def _kv_info(engine) -> Optional[dict]:
+    """KV bytes per cache and type, read once (they are fixed at allocation)."""
+    try:
+        fn = getattr(engine, "kv_cache_bytes", None) or engine.context.kv_cache_bytes
+        kv = fn()
+        return {"k": kv.k, "v": kv.v, "type_k": kv.type_k, "type_v": kv.type_v}
+    except Exception as exc:  # metrics must never stop the server from starting
+        log.warning("KV cache bytes unavailable for /metrics: %s", exc)
+        return None
+
+
+def _startup_summary(engine, kv: Optional[dict], template: Optional[ChatTemplate], names: Sequence[str]) -> str:
+    """One line saying what the server loaded: the model, the context, the KV cache, the chat template."""
+    model, ctx = engine.model, engine.context
+    mib = 1024 * 1024
+    kv_text = (f"K {kv['type_k']} {kv['k'] / mib:.1f} MiB + V {kv['type_v']} {kv['v'] / mib:.1f} MiB"
+               if kv else f"K {ctx.type_k} + V {ctx.type_v}")
+    return (f"serving {Path(str(model.path)).name} ({model.desc}) as {', '.join(repr(n) for n in names)}: "
+            f"n_ctx={engine.n_ctx} ({engine.n_ctx_seq} per sequence), n_parallel={engine.n_parallel}, "
+            f"KV cache {kv_text}, flash_attn={'on' if ctx.flash_attn else 'off'}, chat template: "
+            + (template.source if template is not None else "none (only /v1/completions works)"))
+
+
 class Serving:
     """One server's state and its shared request steps (see the module docstring). Built by create_app;
     the API modules get it as ``h``."""
@@ -456,11 +479,20 @@ class Serving:
 
     # ---- the one engine-request builder of the conversing APIs ----
     async def start_chat(self, body, *, n: int = 1) -> types.SimpleNamespace:
-        """A chat request (ChatCompletionRequest) checked, rendered and submitted: ``eng``, ``name``,
-        ``req`` (the first choice), ``reqs`` (all ``n`` choices), ``reply`` (a factory of one
-        pyllm.server.replies.Reply per choice), ``parser`` (the reasoning split of a plain request, or None),
-        ``tokens``, ``stops``, ``requested``, ``capped``, ``n_logprobs``. Every API that converses (chat
-        completions, messages, responses) starts here, so a field is read once."""
+        """A chat request (ChatCompletionRequest) checked, rendered and submitted: :meth:`prepare_chat`'s
+        fields and ``req`` (the first choice), ``reqs`` (all ``n`` choices), ``capped``. Every API that
+        converses (chat completions, messages, responses) starts here, so a field is read once."""
+        c = await self.prepare_chat(body)
+        max_tokens, c.capped = self.cap(c.eng, len(c.tokens), c.requested, "messages")
+        c.reqs = self.submit_n(c.eng, n, c.tokens, max_tokens, c.sampling, c.stops, body, c.n_logprobs, c.preserved)
+        c.req = c.reqs[0]
+        return c
+
+    async def prepare_chat(self, body) -> types.SimpleNamespace:
+        """A chat request checked and rendered, nothing submitted: ``eng``, ``name``, ``tokens`` (the
+        prompt), ``sampling`` (grammar included), ``stops``, ``preserved`` (token ids whose text stays in the
+        output), ``reply`` (a factory of one pyllm.server.replies.Reply per choice), ``parser`` (the
+        reasoning split of a plain request, or None), ``requested``, ``n_logprobs``, ``constraint``."""
         eng = self.engine_or_503()
         name = self.check_model(body.model)
         refuse_unsupported(body)
@@ -500,10 +532,8 @@ class Serving:
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
-        max_tokens, capped = self.cap(eng, len(tokens), requested, "messages")
-        reqs = self.submit_n(eng, n, tokens, max_tokens, sampling, stops, body, n_logprobs, preserved)
-        return types.SimpleNamespace(eng=eng, name=name, req=reqs[0], reqs=reqs, parser=parser, reply=reply,
-                                     tokens=tokens, stops=stops, requested=requested, capped=capped,
+        return types.SimpleNamespace(eng=eng, name=name, parser=parser, reply=reply, tokens=tokens, stops=stops,
+                                     sampling=sampling, preserved=preserved, requested=requested,
                                      n_logprobs=n_logprobs, constraint=cons)
 
     def check_n(self, eng, n: Any) -> int:
@@ -547,7 +577,6 @@ class Serving:
         """Take ``eng`` into service: its chat template resolved and compiled (pyllm's and llama.cpp's), the
         names it answers to, one start-up line."""
         from pyllm.chat import resolve_template
-        from pyllm.server.app import _kv_info, _startup_summary
 
         self.kv = _kv_info(eng)
         model = eng.model
