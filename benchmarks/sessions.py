@@ -31,8 +31,11 @@ servers' command lines and the machine. The issue's goal, reported and never ass
 not a test): with the cache, the tokens recomputed per turn stay near the tokens appended, not the
 whole prompt, and TTFT p99 is at most 1.1x llama-server's.
 
-    python3 benchmarks/sessions.py                         # default model, -np 2, S = 4,8, 6 turns (~10 min, 2 cores)
-    python3 benchmarks/sessions.py --quick                 # a smoke run (about a minute)
+    python3 benchmarks/sessions.py                         # default model, -np 2, S = 4,8, 6 turns
+    python3 benchmarks/sessions.py --quick                 # a smoke run: -np 1, S = 2,4, 3 short turns
+
+Sized (estimated from pp512/tg128 on the default model, not yet timed on a quiet machine) to take 5-10
+minutes on 2 cores by default and about a minute with --quick.
     python3 benchmarks/sessions.py --sessions 8,16 -np 4 --turns 8 --out bench-out/sessions
     python3 benchmarks/sessions.py --llama-server build/native/bin/llama-server --configs pyllm-cache,llama-server
 
@@ -75,8 +78,9 @@ def config_label(name: str, args: argparse.Namespace) -> str:
 # Sessions
 # ---------------------------------------------------------------------------------------------
 def user_messages(corpus: list[int], n_sessions: int, turns: int, length: int, seed) -> list[list[list[int]]]:
-    """messages[session][turn]: ``length`` corpus tokens each, at seeded offsets; no two sessions open with
-    the same slice, so sessions share no prefix beyond BOS and only a session's own history can be reused."""
+    """messages[session][turn]: ``length`` corpus tokens each, at seeded offsets; the sessions open at distinct
+    offsets, so they share at most a token or two past BOS (where the text happens to agree) and only a
+    session's own history is worth reusing."""
     if length < 1:
         raise ValueError(f"user message length {length}; expected at least 1 token")
     if len(corpus) < length + n_sessions:
@@ -393,7 +397,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", help="GGUF model (default: pyllm's default model)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run (about a minute): -np 1 (S = 2,4), 3 turns, 64 appended tokens, replies of "
+                    help="a smoke run: -np 1 (S = 2,4), 3 turns, 64 appended tokens, replies of "
                          "8 tokens, a shorter corpus; flags given explicitly still win")
     ap.add_argument("--sessions", type=_ints, help="concurrent sessions S, comma-separated (default: 2x and 4x -np)")
     ap.add_argument("-np", "--parallel", dest="np", type=int, help="slots of every server (default 2)")
