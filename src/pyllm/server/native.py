@@ -269,7 +269,8 @@ def register(app: FastAPI, h) -> None:
                     yield _sse(err.body())
                     return
                 final = finish(0, tokens, req, capped)
-                final["content"] = ""   # the text went out in the chunks
+                # the text and the token ids went out in the chunks (llama-server's final chunk carries neither)
+                final["content"], final["tokens"] = "", []
                 if n_probs:
                     final["completion_probabilities"] = probabilities(req.logprobs[done:])
                 yield _sse(final)
