@@ -7,6 +7,8 @@ touching the context (llama.cpp contexts are not thread-safe). Callers ``submit(
 thread and get a ``Request`` to iterate (blocking or ``async for``), ``cancel()`` or ``wait()`` on.
 Each step is ONE ``llama_decode`` batch: the next token of every generating sequence plus prompt
 chunks of newly admitted ones (see ``pyllm.scheduler`` for the KV accounting and the budget).
+``submit_n()`` asks for several choices of one prompt (OpenAI's ``n``): the prompt is decoded once and
+its cells are copied to the other choices' sequences, as llama-server does for ``n_cmpl``.
 """
 from __future__ import annotations
 
@@ -157,8 +159,57 @@ class BatchedEngine:
         Raises ConfigError (bad arguments), ContextFullError (can never fit one sequence), QueueFullError
         (``n_parallel + max_queue`` requests unfinished), ClosedError.
         """
+        return self._submit(prompt, 1, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
+                            parse_special=parse_special, logprobs=logprobs, cache_prompt=cache_prompt,
+                            token_hook=token_hook)[0]
+
+    def submit_n(
+        self,
+        prompt: Union[str, Sequence[int]],
+        n: int,
+        *,
+        max_tokens: Optional[int] = 128,
+        sampling: SamplingParams = GREEDY,
+        stop: Union[str, Sequence[str]] = (),
+        ignore_eos: bool = False,
+        parse_special: bool = False,
+        logprobs: Optional[int] = None,
+        cache_prompt: Optional[bool] = None,
+        token_hook: Optional[TokenHook] = None,
+    ) -> list[Request]:
+        """Queue ``n`` choices of one prompt (OpenAI's ``n``, llama-server's ``n_cmpl``); thread-safe.
+        Returns at once with ``n`` Requests, choice ``i`` at index i (``Request.index == i``); each is
+        iterated, cancelled and waited on by itself. The keyword arguments are submit()'s, for every choice.
+
+        The prompt is decoded once, by choice 0 (the lead); when it is done its cells are copied to the
+        other choices' sequences (``llama_memory_seq_cp``: shared cells in a unified pool, a copy of the
+        stream with ``kv_unified=False``) and each samples its first token from the lead's last logits row
+        with its own sampler chain, then generates on its own (stop strings, max_tokens, logprobs,
+        token_hook, cancellation). Seeds: a set ``sampling.seed`` (or the engine's seed) becomes
+        ``(seed + i) % 0xFFFFFFFF`` for choice i, so the choices differ and a run is reproducible
+        (``SamplingParams.for_choice``); greedy choices are all the same. The choices are admitted together
+        (``n`` free slots, their cells reserved; the prompt once in a unified pool) or wait together.
+        Cancelling a choice ends only it and frees only its cells; cancelling the lead while its prompt is
+        decoding hands the prompt, decoded so far, to the next choice, which carries on. The prompt is
+        counted once in stats() (``prompt_tokens_total``); a copied choice's result reports it as cached
+        (``n_prompt_cached``). Choices other than the lead keep no prefix cache when they end (as
+        llama-server); they sample on the CPU (no backend sampling: their first token comes from the
+        lead's row). ``token_hook`` is called for every choice's tokens (its first argument, the Request,
+        tells them apart).
+
+        Raises ConfigError (``n`` not an integer in [1, n_parallel], or submit()'s), ContextFullError (the
+        prompt and a cell per choice exceed the pool), QueueFullError (the ``n`` would take the unfinished
+        requests beyond ``n_parallel + max_queue``), ClosedError.
+        """
+        return self._submit(prompt, n, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
+                            parse_special=parse_special, logprobs=logprobs, cache_prompt=cache_prompt,
+                            token_hook=token_hook)
+
+    def _submit(self, prompt, n: int, *, max_tokens, sampling, stop, ignore_eos, parse_special, logprobs,
+                cache_prompt, token_hook) -> list[Request]:
         if self._closed:
             raise ClosedError("this BatchedEngine is closed")
+        self._core.check_n(n)
         if cache_prompt is not None and not isinstance(cache_prompt, bool):
             raise ConfigError(f"cache_prompt={cache_prompt!r} is not a bool; expected True, False or None")
         req = self._core.make_request(
@@ -167,12 +218,13 @@ class BatchedEngine:
             cache_prompt=self.cache_prompt if cache_prompt is None else cache_prompt, token_hook=token_hook,
             preserved_tokens=preserved_tokens)
         req._wake = self._wake
+        reqs = self._core.make_choices(req, n)
         try:
             self._core.enqueue(req, self.max_queue)
         except ClosedError:
             raise ClosedError("this BatchedEngine is closed") from None
         self._wake()
-        return req
+        return reqs
 
     async def astream(self, prompt: Union[str, Sequence[int]], **kwargs) -> AsyncIterator[str]:
         """``async for piece in engine.astream(prompt, ...)``: submit() and iterate; leaving early cancels."""
@@ -301,6 +353,8 @@ class BatchedEngine:
         left as it was. Returns ``{"id_slot", "filename", "n_restored", "n_read"}``."""
         def restore():
             slot = self._idle_slot(slot_id, "restore")
+            if slot.seq in self._core.kv.copies_pending:   # a group's copy into or out of it is not applied yet
+                self._core.apply_pending_copies()
             tokens = load_sequence_file(self.context, slot.seq, path)
             slot.cached = list(tokens)
             self._core.refresh_snapshot()

@@ -26,6 +26,7 @@ from pyllm.context import Context, _install_sigint_bridge
 from pyllm.errors import (
     ClosedError,
     ConfigError,
+    ContextFullError,
     DecodeError,
     NoKVSlotError,
     QueueFullError,
@@ -87,6 +88,7 @@ class EngineCore:
         cache_ram = getattr(config, "cache_ram_mib", None)
         host = PromptCache.from_cache_ram(cache_ram) if cache_ram else None   # None or 0: no host tier
         self.kv = KVCache(ctx, self.n_parallel, self.n_ctx, model.n_swa, host=host)
+        self.kv.split_streams = not self.kv_unified
         self.scheduler = Scheduler(self.kv, n_ctx=self.n_ctx, n_ctx_share=self.n_ctx_share,
                                    kv_unified=self.kv_unified, n_batch=self.n_batch,
                                    n_prefill_generating=self.n_ubatch, lock=lock)
@@ -179,18 +181,49 @@ class EngineCore:
         req.preserved_tokens = preserved
         return req
 
+    def check_n(self, n: int) -> None:
+        """ConfigError unless ``n`` choices of one prompt can run here: 1 <= n <= n_parallel."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.n_parallel:
+            raise ConfigError(f"n={n!r} is out of range; expected an integer in [1, n_parallel={self.n_parallel}] "
+                              f"(every choice of a prompt runs in its own slot; raise n_parallel / -np for more)")
+
+    def make_choices(self, req: Request, n: int) -> list[Request]:
+        """``n`` choices of ``req``'s prompt (``req`` is choice 0, the lead): the same arguments, each its
+        own sampler seed (``SamplingParams.for_choice``). The prompt is decoded once, by the lead; in a
+        unified pool the others reserve only the cells they generate into. ContextFullError when the group
+        could never be admitted (the prompt, and one cell for each choice, exceed the pool)."""
+        self.check_n(n)
+        if n == 1:
+            return [req]
+        group = [req] + [req.choice(i, req.sampling.for_choice(i)) for i in range(1, n)]
+        for m in group:
+            m._group = group
+        if self.kv_unified:
+            for m in group[1:]:
+                m.share_prompt()
+            need = sum(self.scheduler.bases(group))
+            if need > self.n_ctx:
+                raise ContextFullError(
+                    f"n={n} choices of a prompt of {req.n_prompt} tokens need at least {need} cells at once "
+                    f"(the prompt once + one per choice); they do not fit in n_ctx={self.n_ctx}; shorten the "
+                    f"prompt, lower n, or raise n_ctx (-c)")
+        return group
+
     def enqueue(self, req: Request, max_queue: Optional[int]) -> None:
-        """Queue ``req`` (any thread); QueueFullError when ``n_parallel + max_queue`` are unfinished."""
+        """Queue ``req`` and the choices of its group, if any (any thread); QueueFullError when they would
+        take the unfinished requests beyond ``n_parallel + max_queue``."""
+        n = len(req.queued_members())
         with self.lock:
             if self.closing:
                 raise ClosedError("this engine is closed")
-            if max_queue is not None and self.unfinished >= self.n_parallel + max_queue:
+            if max_queue is not None and self.unfinished + n > self.n_parallel + max_queue:
                 raise QueueFullError(
-                    f"the request queue is full ({self.unfinished} requests unfinished = n_parallel "
-                    f"{self.n_parallel} + max_queue {max_queue}); retry later"
+                    f"the request queue is full ({self.unfinished} requests unfinished"
+                    + (f" + {n} choices" if n > 1 else "")
+                    + f"; at most n_parallel {self.n_parallel} + max_queue {max_queue}); retry later"
                 )
-            self.unfinished += 1
-            self.counters["requests_total"] += 1
+            self.unfinished += n
+            self.counters["requests_total"] += n
             self.scheduler.queue.append(req)
             self.dirty = True
             self.lock.notify_all()
@@ -212,35 +245,67 @@ class EngineCore:
         q = self.scheduler.queue
         while True:
             with self.lock:
-                # a cancelled request anywhere in the queue is dropped (it must not wait for a slot)
-                for req in [r for r in q if r._cancelled]:
-                    q.remove(req)
-                    self.finish_unadmitted(req, "cancelled")
+                self._drop_cancelled_queued()
                 if not q:
                     return
                 req = q[0]
+                members = req.queued_members()
             try:
                 admitted = self.scheduler.try_admit(req)
                 if admitted is not None:
-                    self.bind(req, *admitted)
+                    self._bind_group(admitted)
             except Exception as exc:  # this request cannot start: it alone fails, and must not block the queue
                 logger.exception("admitting a request failed")
                 with self.lock:
                     q.remove(req)
-                self.finish_unadmitted(req, "error", error=exc)
+                for m in members:
+                    if not m.done:
+                        self.finish_unadmitted(m, "error", error=exc)
                 continue
             if admitted is None:
                 return  # first come, first served: later requests wait behind the head
             with self.lock:
                 q.popleft()
 
+    def _drop_cancelled_queued(self) -> None:
+        """(under lock) A cancelled request anywhere in the queue is dropped: it must not wait for a slot. A
+        group whose lead was cancelled queues on behind its next choice."""
+        q = self.scheduler.queue
+        for req in [r for r in q if any(m._cancelled for m in r.queued_members())]:
+            members = req.queued_members()
+            live = [m for m in members if not m._cancelled]
+            i = q.index(req)
+            if live:
+                q[i] = live[0]
+                live[0].become_lead()
+            else:
+                del q[i]
+            for m in members:
+                if m._cancelled:
+                    self.finish_unadmitted(m, "cancelled")
+
+    def _bind_group(self, admitted: list[tuple[Request, "object", int]]) -> None:
+        """Bind the lead and the choices that wait for its prompt; if one cannot start, none runs."""
+        bound: list[Request] = []
+        try:
+            for i, (m, slot, keep) in enumerate(admitted):
+                m._waiting = i > 0
+                self.bind(m, slot, keep)
+                bound.append(m)
+        except Exception as exc:
+            for m in bound:
+                self.finish(m, "error", free=True, error=exc)
+            raise
+
     def bind(self, req: Request, slot, keep: int) -> None:
         req.start(slot, keep, self.n_vocab, self.model)
         self.scheduler.active.append(req)
-        on_device = self.backend_sampling and self._attach_sampler(req)
+        # a choice's first token is sampled on the CPU from its lead's logits row
+        on_device = self.backend_sampling and req._group is None and self._attach_sampler(req)
         with self.lock:
-            self.counters["prompt_tokens_total"] += req.n_prompt
-            self.counters["prompt_tokens_cached_total"] += keep
+            if not req._waiting:   # a group's prompt is counted once, by its lead
+                self.counters["prompt_tokens_total"] += req.n_prompt
+                self.counters["prompt_tokens_cached_total"] += keep
             self.counters["backend_sampling_requests_total" if on_device else "cpu_sampling_requests_total"] += 1
 
     def _attach_sampler(self, req: Request) -> bool:
@@ -262,6 +327,7 @@ class EngineCore:
         plan = self.scheduler.plan(generate)
         b, sub = self._batch, self._sub
         rows: list[tuple[Request, int]] = []
+        leads: list[tuple[Request, int]] = []   # groups whose prompt ends in this batch
         i = 0
         for r in plan.gen:
             b.token[i] = r._pending
@@ -279,6 +345,8 @@ class EngineCore:
             lib.pyllm_batch_fill(sub, ffi.from_buffer("llama_token[]", chunk), n, r._pos, r._slot.seq, last, -1)
             if last:
                 rows.append((r, i + n - 1))
+                if r._group is not None:
+                    leads.append((r, i + n - 1))
             i += n
         if i == 0:
             return
@@ -286,6 +354,7 @@ class EngineCore:
         td = time.perf_counter_ns()
         rc = lib.llama_decode(self._ctx_ptr, b[0])
         decode_ns = time.perf_counter_ns() - td
+        self.kv.copies_pending.clear()   # applied at the start of any decode, even one that fails
         if rc != 0:
             self._decode_failed(rc, plan)
             # Ctrl-C that landed in a Python callback during the decode (the log callback) is re-raised
@@ -298,6 +367,8 @@ class EngineCore:
         for r, n in plan.prefill:
             r._slot.cached.extend(r.prompt_tokens[r._pos: r._pos + n])
             r._pos += n
+        for lead, idx in leads:
+            rows.extend((c, idx) for c in self._start_choices(lead))
         n_gen = 0
         ctx_ptr, n_vocab = self._ctx_ptr, self.n_vocab
         for r, idx in rows:
@@ -322,7 +393,7 @@ class EngineCore:
                 before = len(r.token_ids)
                 reason = r.accept(token, self.piece(token, token in r.preserved_tokens), bool(lib.llama_vocab_is_eog(self._vocab, token)), lp)
                 n_gen += len(r.token_ids) - before
-                if reason is None and r._pos >= r._reserve and not self.scheduler.grow(r):
+                if reason is None and r._pos - r._shared >= r._reserve and not self.scheduler.grow(r):
                     reason = "context_full"
                 if reason is not None:
                     self.finish(r, reason, free=reason == "cancelled")
@@ -333,6 +404,19 @@ class EngineCore:
             self.counters["tokens_generated_total"] += n_gen
         self.trace.record(StepRecord(t0, time.perf_counter_ns() - t0, decode_ns, len(plan.gen), plan.n_prompt,
                                      len(plan.gen) + len(plan.prefill)))
+
+    def _start_choices(self, lead: Request) -> list[Request]:
+        """The lead's prompt is done: the choices waiting for it get its cells (llama_memory_seq_cp; with
+        split streams llama.cpp copies the stream at the next decode, before that batch is placed) and
+        sample their first token from the lead's logits row (llama-server's copy_state_to)."""
+        started = []
+        for c in lead._group:
+            if c._waiting and c._slot is not None:
+                self.kv.copy(lead._slot, c._slot)
+                c._waiting, c._copied = False, True
+                c._pos = c._n_cached = lead._pos
+                started.append(c)
+        return started
 
     def _decode_failed(self, rc: int, plan) -> None:
         # Ubatches that ran before a failure stay in memory: roll every sequence of the batch back.
@@ -346,8 +430,8 @@ class EngineCore:
         try:
             check_decode(rc, f"batch of {self._batch.n_tokens} tokens over {len(self.active)} sequences")
         except NoKVSlotError as exc:
-            # Fragmented or sliding-window cells: let the youngest sequence go, the rest continue.
-            self.finish(self.active[-1], "error", free=True, error=exc)
+            # Fragmented or sliding-window cells: let the youngest sequence of the batch go, the rest continue.
+            self.finish(next(r for r in reversed(self.active) if not r._waiting), "error", free=True, error=exc)
             self.kv.evict_idle()
         except DecodeError as exc:
             self.fail_all(exc)
@@ -369,23 +453,58 @@ class EngineCore:
         self.kv.clear_all()
 
     def finish(self, r: Request, reason: str, *, free: bool = False, error: Optional[BaseException] = None) -> None:
+        """End a running request (nothing when it has ended already: a group's choices end together).
+
+        One of several choices: its cells are dropped (the lead's copy; llama-server keeps only the
+        parent's cells too) unless it decoded the prompt itself. A lead that ends while its prompt is still
+        being decoded: when it was cancelled, the next waiting choice takes its slot and goes on with the
+        prompt; on any other end (error, abort, Ctrl-C) the waiting choices end with it, for the same reason.
+        A lead that ends after its prompt passes the prompt's reservation to a choice still running."""
+        if r._done:
+            return
+        waiting: list[Request] = []
+        if r._group is not None and not r._waiting:
+            waiting = [m for m in r._group if m._waiting and m._slot is not None]
+            heir = next((m for m in waiting if not m._cancelled), None) if reason == "cancelled" else None
+            if heir is not None:
+                self._take_over(r, heir)
+                waiting = []
+            elif not waiting and self.kv_unified and r._shared == 0:
+                survivor = next((m for m in r._group if m is not r and m._slot is not None), None)
+                if survivor is not None:
+                    survivor.become_lead()
         slot = r._slot
         if r._on_device:  # detach the chain before it is freed
             lib.llama_set_sampler(self._ctx_ptr, slot.seq if slot is not None else r.seq_id, ffi.NULL)
             r._on_device = False
         if slot is not None:
-            self.kv.release(slot, keep_cells=not free and r.cache_prompt)
+            self.kv.release(slot, keep_cells=not free and r.cache_prompt and not r._copied)
             r._slot = None
         if r in self.active:
             self.active.remove(r)
         r._pending = -1
+        r._waiting = False
         self.refresh_snapshot()  # before the result is published: a caller that waited sees stats() after it
         with self.lock:
             self.unfinished -= 1
             self.dirty = True    # a slot and cells are free: the queue's head may fit now
         r.finish(reason, error)
+        for m in waiting:
+            self.finish(m, reason, free=True, error=error)
+
+    def _take_over(self, lead: Request, heir: Request) -> None:
+        """A lead cancelled during its prompt: ``heir`` takes its slot, with the prompt cells decoded so far
+        (counted as cached for it), and decodes the rest; the heir's own slot, still empty, is freed."""
+        slot = lead._slot
+        self.kv.release(heir._slot, keep_cells=False)
+        heir._slot, slot.req, lead._slot = slot, heir, None
+        heir.seq_id = slot.seq
+        heir._pos = heir._n_cached = lead._pos
+        heir.become_lead()
 
     def finish_unadmitted(self, r: Request, reason: str, error: Optional[BaseException] = None) -> None:
+        if r._done:
+            return
         with self.lock:
             self.unfinished -= 1
         r.finish(reason, error)
@@ -394,7 +513,7 @@ class EngineCore:
         """Close: everything running or queued ends as 'cancelled'."""
         with self.lock:
             self.closing = True
-            queued = list(self.scheduler.queue)
+            queued = [m for q in self.scheduler.queue for m in q.queued_members()]
             self.scheduler.queue.clear()
         for req in list(self.active):
             self.finish(req, "cancelled", free=True)
@@ -440,7 +559,7 @@ class EngineCore:
             out = {
                 "n_parallel": self.n_parallel, "n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq,
                 "n_ctx_share": self.n_ctx_share, "kv_unified": self.kv_unified,
-                "active": self.unfinished - len(self.scheduler.queue), "queued": len(self.scheduler.queue),
+                "active": self.unfinished - self.scheduler.n_queued(), "queued": self.scheduler.n_queued(),
             }
             out.update(self.snapshot)
             out.update(self.counters)
@@ -493,5 +612,23 @@ class EngineCore:
         b = self._batch
         b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = first._pending, n, 1, first._slot.seq, 1
         b.n_tokens = 1
-        check_decode(lib.llama_decode(self._ctx_ptr, b[0]), "the dummy token that applies the KV copies")
+        rc = lib.llama_decode(self._ctx_ptr, b[0])
+        self.kv.copies_pending.clear()
+        check_decode(rc, "the dummy token that applies the KV copies")
         lib.llama_memory_seq_rm(self._mem, first._slot.seq, n, -1)
+
+    def apply_pending_copies(self) -> None:
+        """Split streams: apply the KV copies still pending (``KVCache.copies_pending``) now, with one token
+        decoded into a pending sequence past its cells and removed again, so that a state can be written
+        into one of those streams (a saved session restored into an idle slot between two steps)."""
+        if not self.kv.copies_pending:
+            return
+        slot = self.kv.slots[min(self.kv.copies_pending)]
+        n = len(slot.cached)
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 0, n, 1, slot.seq, 1
+        b.n_tokens = 1
+        rc = lib.llama_decode(self._ctx_ptr, b[0])
+        self.kv.copies_pending.clear()
+        lib.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
+        check_decode(rc, "the token that applies pending KV copies")

@@ -76,6 +76,11 @@ class KVCache:
         self.host_saves = 0
         self.host_restores = 0
         self.host_restored_tokens = 0
+        # Split streams (kv_unified=False) copy a sequence's cells to another stream at the next
+        # llama_decode (llama_kv_cache::update, before the batch is placed); until then neither stream's
+        # buffer may be written by anything else (a state restore), or the copy would carry or overwrite it.
+        self.split_streams = False
+        self.copies_pending: set[int] = set()   # sequence ids of both ends of copies not yet applied
 
     # ---- choosing ----
     def free_slots(self) -> list[Slot]:
@@ -94,8 +99,9 @@ class KVCache:
         if self.host is not None and req.n_prompt - 1 > keep:
             n, entry = self.host.longest_prefix(req.prompt_tokens)
             n = min(n, req.n_prompt - 1)
-            if entry is not None and n > keep:
-                target = min(free, key=lambda s: (bool(s.cached), s.last_used))
+            targets = [s for s in free if s.seq not in self.copies_pending]
+            if entry is not None and n > keep and targets:
+                target = min(targets, key=lambda s: (bool(s.cached), s.last_used))
                 return target, n, entry
         return slot, keep, None
 
@@ -209,10 +215,13 @@ class KVCache:
             s.cached = []
 
     def copy(self, src: Slot, dst: Slot) -> None:
-        """``dst`` gets ``src``'s cells (``llama_memory_seq_cp``, shared cells, no copy of data in a unified pool)."""
+        """``dst`` gets ``src``'s cells (``llama_memory_seq_cp``, shared cells, no copy of data in a unified
+        pool; with split streams the whole stream is copied at the next llama_decode: ``copies_pending``)."""
         lib.llama_memory_seq_rm(self._mem, dst.seq, -1, -1)
         lib.llama_memory_seq_cp(self._mem, src.seq, dst.seq, -1, -1)
         dst.cached = list(src.cached)
+        if self.split_streams:
+            self.copies_pending.update((src.seq, dst.seq))
 
     # ---- reading ----
     def seq_positions(self) -> list[tuple[int, int]]:

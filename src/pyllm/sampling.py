@@ -122,6 +122,16 @@ class SamplingParams:
         extra = tuple((int(t), -math.inf) for t in tokens)
         return dataclasses.replace(self, logit_bias=self.logit_bias + extra) if extra else self
 
+    def for_choice(self, index: int) -> "SamplingParams":
+        """These params for choice ``index`` of several from one prompt (``BatchedEngine.submit_n``): a set
+        seed becomes ``(seed + index) % 0xFFFFFFFF``, so each choice draws its own tokens, the same ones on
+        every run (llama-server adds the child's index to the seed too; the modulus keeps a derived seed off
+        LLAMA_DEFAULT_SEED, which would mean "random"). No seed, or LLAMA_DEFAULT_SEED itself: every
+        choice's chain is seeded at random, as llama-server leaves it."""
+        if index == 0 or self.seed is None or self.seed == lib.LLAMA_DEFAULT_SEED:
+            return self
+        return dataclasses.replace(self, seed=(self.seed + index) % lib.LLAMA_DEFAULT_SEED)
+
     def check_vocab(self, n_vocab: int) -> None:
         """Raise ConfigError for a logit_bias token outside [0, n_vocab): llama.cpp would write out of bounds."""
         for token, _ in self.logit_bias:

@@ -14,6 +14,16 @@ but it never keeps the other slots' requests waiting for more than one step, and
 is ever truncated. With ``kv_unified=False`` every sequence has its own ``n_ctx / n_parallel`` cells
 (llama.cpp's split streams) and only a free slot is needed.
 
+Several choices of one prompt (``BatchedEngine.submit_n``, llama-server's ``n_cmpl``): the group is
+admitted at once, with a free slot for every choice, or waits whole. Its lead decodes the prompt; the
+others wait in their slots until it is done and then get its cells (``KVCache.copy``). In a unified
+pool those cells are shared, so the prompt is reserved once, by the lead: another choice reserves only
+the cells it generates into (``Request._shared`` prompt cells are not its own); when the lead ends
+first, the prompt's reservation passes to a choice still running. When the group's reservations do
+not fit the pool together (a prompt longer than the share), every choice gets an equal part of the
+cells beside the prompt and grows from there like any sequence. With split streams every choice holds
+its own copy.
+
 Step plan: every generating sequence's next token first (running requests first, as vLLM's
 scheduler), then prompt chunks in admission order, up to ``n_batch`` tokens in all; while any
 sequence is generating, prompt tokens are capped by ``n_prefill_generating`` (default ``n_ubatch``)
@@ -69,31 +79,53 @@ class Scheduler:
     # ---- reservation ----
     def base(self, req: "Request") -> int:
         """The cells reserved for a request at admission: all it may need when that is within the share,
-        else the share (at least its prompt and one token); it grows from there (``grow``)."""
+        else the share (at least its own prompt cells and one token); it grows from there (``grow``). A
+        choice that shares its lead's prompt counts only the cells beyond it."""
         if not self.kv_unified or req._want <= self.n_ctx_share:
             return req._want
-        return max(self.n_ctx_share, req.n_prompt + 1)
+        return max(self.n_ctx_share, req.n_prompt - req._shared + 1)
+
+    def bases(self, members: list["Request"]) -> list[int]:
+        """``base`` of each choice of a group (one request: ``[base(req)]``). When they do not fit the pool
+        together (a prompt longer than the share), the lead holds the prompt and every choice gets an equal
+        part of the cells left beside it (at least one), growing from there."""
+        b = [self.base(r) for r in members]
+        if self.kv_unified and len(b) > 1 and sum(b) > self.n_ctx:
+            lead = members[0]
+            prompt = lead.n_prompt - lead._shared
+            room = max(1, (self.n_ctx - prompt) // len(b))
+            b = [prompt + min(lead._want - prompt, room)] + [min(x, room) for x in b[1:]]
+        return b
 
     def reserved(self) -> int:
         return sum(r._reserve for r in self.active)
 
-    def try_admit(self, req: "Request") -> Optional[tuple[Slot, int]]:
-        """A slot for ``req`` and how many of its prompt tokens it holds, with its cells reserved
-        (``req._reserve`` set, idle caches evicted as needed); None when it must wait."""
+    def try_admit(self, req: "Request") -> Optional[list[tuple["Request", Slot, int]]]:
+        """A slot for ``req`` and each choice queued with it (``Request.queued_members``), with how many of
+        the prompt tokens the lead's slot holds (the others: 0, they get the lead's cells later) and their
+        cells reserved (``_reserve`` set, idle caches evicted as needed); None when they must wait."""
+        members = req.queued_members()
         free = self.kv.free_slots()
-        if not free:
+        if len(free) < len(members):
             return None
         slot, keep, entry = self.kv.pick(req, free)
-        base = self.base(req)
+        # the other choices' slots are overwritten by the lead's cells: empty ones first, then the oldest caches
+        others = sorted((s for s in free if s is not slot), key=lambda s: (bool(s.cached), s.last_used))
+        others = others[:len(members) - 1]
+        bases = self.bases(members)
         if self.kv_unified:
             held = self.reserved()
-            if held + base > self.n_ctx:
+            if held + sum(bases) > self.n_ctx:
                 return None  # wait for running sequences to finish (or to stop growing); evict nothing yet
-            self.kv.make_room(held + base, exclude=slot)
+        for s in others:
+            self.kv.trim(s, 0)  # cells held by a busy slot must be reserved: drop the cache now
+        if self.kv_unified:
+            self.kv.make_room(held + sum(bases), exclude=slot)
         if entry is not None:  # a longer prefix in host memory: its cells come back into the slot
             keep = self.kv.restore(slot, entry, keep)
-        req._reserve = base
-        return slot, self.kv.trim(slot, keep)
+        for m, b in zip(members, bases):
+            m._reserve = b
+        return [(req, slot, self.kv.trim(slot, keep))] + [(m, s, 0) for m, s in zip(members[1:], others)]
 
     def grow(self, r: "Request") -> bool:
         """One more cell for a running sequence that has filled its reservation and may hold more (its
@@ -107,11 +139,16 @@ class Scheduler:
             return False
         with self.lock:
             waiting = next((q for q in self.queue if not q._cancelled), None)
-        if waiting is not None and self.kv.free_slots() and held + self.base(waiting) > self.n_ctx:
+            members = waiting.queued_members() if waiting is not None else []
+        if members and len(self.kv.free_slots()) >= len(members) and held + sum(self.bases(members)) > self.n_ctx:
             return False
         self.kv.make_room(held)
         r._reserve += 1
         return True
+
+    def n_queued(self) -> int:
+        """Requests waiting in the queue, every choice of a group counted (call under ``lock``)."""
+        return sum(len(q.queued_members()) for q in self.queue)
 
     # ---- the step ----
     def plan(self, generate: bool = True) -> StepPlan:
@@ -125,7 +162,7 @@ class Scheduler:
         for r in self.active:
             if budget <= 0:
                 break
-            if r._pending >= 0:
+            if r._pending >= 0 or r._waiting:   # generating, or waiting for its lead's prompt
                 continue
             n = min(budget, r.n_prompt - r._pos)
             prefill.append((r, n))

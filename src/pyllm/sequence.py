@@ -165,6 +165,14 @@ class Request:
         self._t_admit = 0
         self._t_first = 0
         self._n_cached = 0
+        # Several choices of one prompt (BatchedEngine.submit_n): every choice's list, in choice order
+        # (None for a lone request). The lead decodes the prompt; the others wait, admitted, until its
+        # prompt is done, then get its cells (llama_memory_seq_cp) and sample from its last logits row.
+        self.index = 0                           # this choice's place in its group (OpenAI choices[].index)
+        self._group: Optional[list["Request"]] = None
+        self._waiting = False                    # admitted, waiting for the lead's prompt
+        self._copied = False                     # its cells are a copy of the lead's (dropped when it ends)
+        self._shared = 0                         # prompt cells the lead's reservation counts for it (unified KV)
 
     # ---- state ----
     @property
@@ -269,6 +277,34 @@ class Request:
             return list(self._pieces)
 
     # ---- engine side (the thread that runs the core) ----
+    def choice(self, index: int, sampling: SamplingParams) -> "Request":
+        """Another choice of this request's prompt: the same arguments, its own ``sampling`` (seed); it
+        shares the lead's prompt cells in a unified KV pool (``shared``: reserved once, by the lead)."""
+        c = Request(self.prompt_tokens, self.max_tokens, sampling, self.stops, self.ignore_eos, self._want,
+                    self.n_logprobs, self.cache_prompt, self.token_hook)
+        c.index = index
+        c._wake = self._wake
+        return c
+
+    def share_prompt(self) -> None:
+        """A choice that is not the lead: its reservation counts only the cells beyond the prompt."""
+        self._shared = self.n_prompt
+        self._want -= self.n_prompt
+
+    def become_lead(self) -> None:
+        """This choice decodes (or holds) the prompt itself from now on: it reserves the prompt's cells too."""
+        self._want += self._shared
+        self._reserve += self._shared
+        self._shared = 0
+        self._waiting = False
+
+    def queued_members(self) -> list["Request"]:
+        """The choices that queue behind this one (the lead of its group in the queue): itself and every
+        choice not yet done, in choice order."""
+        if self._group is None:
+            return [self]
+        return [m for m in self._group if not m._done]
+
     def start(self, slot: Any, keep: int, n_vocab: int, model: Any = None) -> None:
         """Bind to ``slot`` whose first ``keep`` cached tokens are this prompt's; build the sampler chain
         (``model``: for a grammar, which needs the vocabulary). What can fail (the chain) comes first, so a

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+from pyllm.sampling import SamplingParams
 from pyllm.scheduler import Scheduler
 from pyllm.sequence import GREEDY, Request
 from pyllm.trace import StepRecord, StepTrace, summarize
@@ -57,6 +58,46 @@ def test_base_reservation_within_and_beyond_the_share():
     huge = _req(300)
     huge._want = 900
     assert s.base(huge) == 301                                 # a prompt longer than the share, plus one
+
+
+def _group(n_prompt: int, n: int, max_tokens: int) -> list[Request]:
+    lead = Request(list(range(1, n_prompt + 1)), max_tokens, GREEDY, [], False, n_prompt + max_tokens)
+    group = [lead] + [lead.choice(i, GREEDY) for i in range(1, n)]
+    for m in group[1:]:
+        m.share_prompt()
+    return group
+
+
+def test_a_group_reserves_its_prompt_once():
+    s = _scheduler()                                           # n_ctx 1024, share 256
+    g = _group(100, 3, 50)
+    assert [m._want for m in g] == [150, 50, 50] and [m.index for m in g] == [0, 1, 2]
+    assert s.bases(g) == [150, 50, 50]
+    # a prompt longer than the share: the lead holds it, every choice gets an equal part of the rest
+    g = _group(700, 4, 200)
+    assert [s.base(m) for m in g] == [701, 200, 200, 200]     # 1301 > 1024 together
+    assert s.bases(g) == [700 + 81, 81, 81, 81]               # (1024 - 700) // 4 = 81 each
+    # the lead leaves: a choice takes the prompt's reservation over
+    g[1]._reserve = 81
+    g[1].become_lead()
+    assert (g[1]._want, g[1]._reserve, g[1]._shared) == (900, 781, 0)
+
+
+def test_plan_skips_choices_waiting_for_their_lead():
+    s = _scheduler()
+    lead, child = _group(40, 2, 8)
+    child._waiting = True
+    s.active = [lead, child]
+    assert s.plan().prefill == [(lead, 40)]
+
+
+def test_choice_seeds():
+    sp = SamplingParams(temperature=0.7, seed=41)
+    assert [sp.for_choice(i).seed for i in range(4)] == [41, 42, 43, 44]
+    assert sp.for_choice(0) is sp and sp.for_choice(2).temperature == 0.7
+    assert SamplingParams(seed=2**32 - 2).for_choice(1).seed == 0     # never 0xFFFFFFFF (random)
+    assert SamplingParams(seed=None).for_choice(3).seed is None
+    assert SamplingParams(seed=2**32 - 1).for_choice(3).seed == 2**32 - 1   # LLAMA_DEFAULT_SEED: random for all
 
 
 def test_step_trace_sums_histograms_and_summary():
