@@ -282,3 +282,34 @@ def test_split_streams_restore_waits_for_a_pending_copy(model, single, tmp_path)
         assert eng._call(lambda: set(eng._core.kv.copies_pending)) == set()
         res = eng.submit(other + " music", max_tokens=16).wait(60)
         assert res.n_prompt_cached > 0 and _same_or_near_tie(single, other + " music", ref, res.tokens)
+
+
+def test_choices_sample_on_the_cpu_beside_a_request_sampled_on_the_device(model, single):
+    """With backend sampling a choice still reads its first token from the lead's logits row, so a group
+    samples on the CPU (counted per choice), in the same batches as a request whose chain runs on the device."""
+    ref = _alone(single, PROMPT, 16, ignore_eos=True)
+    with BatchedEngine(EngineConfig(n_ctx=1024, n_parallel=4, backend_sampling=True), model=model) as eng:
+        other = eng.submit("The capital of France is", max_tokens=40, ignore_eos=True, cache_prompt=False)
+        reqs = eng.submit_n(PROMPT, 3, max_tokens=16, ignore_eos=True)
+        res = [r.wait(120) for r in reqs]
+        assert other.wait(120).n_generated == 40
+        s = _stats_after_step(eng)
+        assert (s["backend_sampling_requests_total"], s["cpu_sampling_requests_total"]) == (1, 3)
+        assert res[0].tokens == res[1].tokens == res[2].tokens
+        assert _same_or_near_tie(single, PROMPT, ref, res[0].tokens)
+
+
+def test_close_ends_every_choice_running_waiting_or_queued(model):
+    eng = BatchedEngine(EngineConfig(n_ctx=2048, n_parallel=3), model=model, max_queue=4)
+    long_prompt = " ".join(random.Random(4).choice(WORDS) for _ in range(600))
+    running = eng.submit_n(PROMPT, 2, max_tokens=400, ignore_eos=True)
+    prefilling = eng.submit(long_prompt, max_tokens=200)
+    queued = eng.submit_n(long_prompt, 3, max_tokens=8)
+    while not running[1].token_ids:
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    eng.close()
+    assert time.monotonic() - t0 < 5.0
+    assert all(r.done and r.result.stop_reason == "cancelled" for r in running + [prefilling] + queued)
+    assert all(r.seq_id is None for r in queued)
+    assert not model.closed
