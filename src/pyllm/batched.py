@@ -161,7 +161,7 @@ class BatchedEngine:
         """
         return self._submit(prompt, 1, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
                             parse_special=parse_special, logprobs=logprobs, cache_prompt=cache_prompt,
-                            token_hook=token_hook)[0]
+                            token_hook=token_hook, preserved_tokens=preserved_tokens)[0]
 
     def submit_n(
         self,
@@ -176,6 +176,7 @@ class BatchedEngine:
         logprobs: Optional[int] = None,
         cache_prompt: Optional[bool] = None,
         token_hook: Optional[TokenHook] = None,
+        preserved_tokens: Sequence[int] = (),
     ) -> list[Request]:
         """Queue ``n`` choices of one prompt (OpenAI's ``n``, llama-server's ``n_cmpl``); thread-safe.
         Returns at once with ``n`` Requests, choice ``i`` at index i (``Request.index == i``); each is
@@ -203,10 +204,10 @@ class BatchedEngine:
         """
         return self._submit(prompt, n, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
                             parse_special=parse_special, logprobs=logprobs, cache_prompt=cache_prompt,
-                            token_hook=token_hook)
+                            token_hook=token_hook, preserved_tokens=preserved_tokens)
 
     def _submit(self, prompt, n: int, *, max_tokens, sampling, stop, ignore_eos, parse_special, logprobs,
-                cache_prompt, token_hook) -> list[Request]:
+                cache_prompt, token_hook, preserved_tokens=()) -> list[Request]:
         if self._closed:
             raise ClosedError("this BatchedEngine is closed")
         self._core.check_n(n)

@@ -284,6 +284,7 @@ class Request:
                     self.n_logprobs, self.cache_prompt, self.token_hook)
         c.index = index
         c._wake = self._wake
+        c.preserved_tokens = self.preserved_tokens
         return c
 
     def share_prompt(self) -> None:

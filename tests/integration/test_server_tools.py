@@ -349,3 +349,32 @@ def test_anthropic_auth_error_shape(default_model_path, gemma):
         assert r.status_code == 200 and r.json()["type"] == "message"
     finally:
         server.stop()
+
+
+# ---- n choices: the prompt decoded once, each choice its own sampler ----
+def test_n_choices_on_chat_and_completions(gemma):
+    url, eng = gemma
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    out = _ok(url, {"messages": msgs, "n": 2, "max_tokens": 6, "temperature": 0})
+    a, b = out["choices"]
+    assert (a["index"], b["index"]) == (0, 1) and a["message"] == b["message"]   # greedy: the same
+    assert 2 <= out["usage"]["completion_tokens"] <= 12   # both choices' tokens, the prompt once
+    seeded = _ok(url, {"messages": msgs, "n": 2, "max_tokens": 12, "temperature": 1.5, "seed": 7})
+    again = _ok(url, {"messages": msgs, "n": 2, "max_tokens": 12, "temperature": 1.5, "seed": 7})
+    texts = [c["message"]["content"] for c in seeded["choices"]]
+    assert texts == [c["message"]["content"] for c in again["choices"]] and texts[0] != texts[1]
+    events = _events(url, {"messages": msgs, "n": 2, "max_tokens": 6, "temperature": 0,
+                           "stream_options": {"include_usage": True}})
+    by_index: dict = {0: "", 1: ""}
+    finishes = {}
+    for e in events:
+        for ch in e["choices"]:
+            by_index[ch["index"]] += ch["delta"].get("content") or ""
+            if ch["finish_reason"]:
+                finishes[ch["index"]] = ch["finish_reason"]
+    assert by_index[0] == by_index[1] == a["message"]["content"] and set(finishes) == {0, 1}
+    assert events[-1]["usage"]["prompt_tokens"] == out["usage"]["prompt_tokens"]
+    comp = _ok(url, {"prompt": "Once upon a time", "n": 2, "max_tokens": 5, "temperature": 0}, "/v1/completions")
+    assert [c["index"] for c in comp["choices"]] == [0, 1] and len({c["text"] for c in comp["choices"]}) == 1
+    assert _post(url, {"prompt": "x", "n": 3}, "/v1/completions").json()["error"]["param"] == "n"   # > -np 2
+    wait_idle(eng)
