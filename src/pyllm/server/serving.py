@@ -11,6 +11,7 @@ their own shape, call these steps, and write the answer in their own shape. ``cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -221,12 +222,18 @@ class Serving:
 
     def submit(self, eng, tokens: list[int], max_tokens: int, sampling: SamplingParams, stops: list[str],
                body, logprobs: Optional[int] = None, preserved_tokens: Sequence[int] = ()):
-        try:
+        with self._engine_errors():
             req = eng.submit(tokens, max_tokens=max_tokens, sampling=sampling, stop=stops,
                              ignore_eos=bool(body.ignore_eos), logprobs=logprobs, cache_prompt=body.cache_prompt,
                              **({"preserved_tokens": preserved_tokens} if preserved_tokens else {}))
-            self.inflight.add(req)
-            return req
+        self.inflight.add(req)
+        return req
+
+    @contextlib.contextmanager
+    def _engine_errors(self):
+        """The engine's refusals of a submission as API errors (503 busy or closing, 400 otherwise)."""
+        try:
+            yield
         except QueueFullError as exc:
             self.metrics.rejected.inc()
             raise APIError(503, f"the server is busy: {exc}", code="queue_full",
@@ -553,21 +560,10 @@ class Serving:
             return [self.submit(eng, tokens, max_tokens, sampling, stops, body, n_logprobs, preserved)]
         submit_n = getattr(eng, "submit_n", None)
         if submit_n is not None:
-            try:
+            with self._engine_errors():
                 reqs = submit_n(tokens, n, max_tokens=max_tokens, sampling=sampling, stop=stops,
                                 ignore_eos=bool(body.ignore_eos), logprobs=n_logprobs, cache_prompt=body.cache_prompt,
                                 **({"preserved_tokens": preserved} if preserved else {}))
-            except QueueFullError as exc:
-                self.metrics.rejected.inc()
-                raise APIError(503, f"the server is busy: {exc}", code="queue_full",
-                               headers={"Retry-After": str(self.retry_after_s)}) from None
-            except ContextFullError as exc:
-                raise APIError(400, str(exc), code="context_length_exceeded") from None
-            except ClosedError:
-                raise APIError(503, "the server is shutting down",
-                               headers={"Retry-After": str(self.retry_after_s)}) from None
-            except (ConfigError, TokenizeError) as exc:
-                raise APIError(400, str(exc)) from None
             self.inflight.update(reqs)
             return list(reqs)
         raise APIError(400, f"n={n} is not supported by this engine (it has no submit_n)", param="n")
