@@ -75,9 +75,9 @@ def main() -> int:
 
         args.model = str(default_model.path())
     args.model = str(Path(args.model).resolve())
-    llama_server = args.llama_server or build_native(args.build_dir, ("llama-server",))["llama-server"]
+    llama_server = (args.llama_server or build_native(args.build_dir, ("llama-server",))["llama-server"]).resolve()
     common = ["-m", args.model, "-np", "1", "-c", "2048", "-t", str(args.threads), "-fa", "on", "--host", "127.0.0.1"]
-    logs = (args.out or Path("build/grammar_cost"))
+    logs = (args.out or Path("build/grammar_cost")).resolve()
     servers = {
         "pyllm": ServerProcess("pyllm", lambda port: [*PYLLM_CLI, "serve", *common, "--port", str(port)],
                                logs / "pyllm.log"),

@@ -604,7 +604,28 @@ llama_token pyllm_sampler_sample_checked(struct llama_sampler * chain, struct ll
             cur[t] = llama_token_data{t, logits[t], 0.0f};
         }
         llama_token_data_array cur_p = {cur.data(), cur.size(), -1, false};
-        llama_sampler_apply(chain, &cur_p);
+        // common_sampler_sample (common/sampling.cpp): the grammar (the chain's first sampler) is costly on a
+        // whole vocabulary, so sample with the rest of the chain first and keep that token when the grammar
+        // accepts it; only a rejected token makes the grammar run on every candidate, then the chain again.
+        const int n_chain = llama_sampler_chain_n(chain);
+        struct llama_sampler * grammar = n_chain > 0 ? llama_sampler_chain_get(chain, 0) : nullptr;
+        for (int i = 1; i < n_chain; i++) {
+            llama_sampler_apply(llama_sampler_chain_get(chain, i), &cur_p);
+        }
+        bool valid = false;
+        if (grammar != nullptr && cur_p.selected >= 0 && cur_p.selected < (int64_t) cur_p.size) {
+            llama_token_data single = {cur_p.data[cur_p.selected].id, 1.0f, 0.0f};
+            llama_token_data_array single_p = {&single, 1, -1, false};
+            llama_sampler_apply(grammar, &single_p);
+            valid = single_p.data[0].logit != -INFINITY;
+        }
+        if (!valid) {
+            for (llama_token t = 0; t < n_vocab; t++) {
+                cur[t] = llama_token_data{t, logits[t], 0.0f};
+            }
+            cur_p = {cur.data(), cur.size(), -1, false};
+            llama_sampler_apply(chain, &cur_p);
+        }
         if (cur_p.selected < 0 || cur_p.selected >= (int64_t) cur_p.size ||
             cur_p.data[cur_p.selected].logit == -INFINITY) {
             throw std::runtime_error("the grammar allows no token at this point of the output "
