@@ -7,10 +7,9 @@ choice ends with calls, as llama-server reports it.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 from fastapi import FastAPI, Request
 
@@ -27,47 +26,6 @@ def finish_reason(result, message_or_reply) -> str:
     calls = (message_or_reply.get("tool_calls") if isinstance(message_or_reply, dict)
              else message_or_reply.has_tool_calls)
     return "tool_calls" if calls and reason == "stop" else reason
-
-
-def merged_usage(h: Serving, results: list) -> dict:
-    """One usage for the choices of a request: the prompt counted once, the completions summed."""
-    use = h.usage(results[0])
-    n_gen = sum(len(r.tokens) for r in results)
-    use["completion_tokens"] = n_gen
-    use["total_tokens"] = use["prompt_tokens"] + n_gen
-    return use
-
-
-async def merge(gens: list[AsyncIterator[str]]) -> AsyncIterator[str]:
-    """The events of several generators as they come (one choice's events stay in order)."""
-    if len(gens) == 1:
-        async for ev in gens[0]:
-            yield ev
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(g) -> None:
-        try:
-            async for ev in g:
-                await queue.put(ev)
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.ensure_future(pump(g)) for g in gens]
-    try:
-        left = len(tasks)
-        while left:
-            ev = await queue.get()
-            if ev is done:
-                left -= 1
-            else:
-                yield ev
-        for t in tasks:
-            t.result()
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 def register(app: FastAPI, h: Serving) -> None:
@@ -88,47 +46,29 @@ def register(app: FastAPI, h: Serving) -> None:
                     "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            first = []
-            failed = []
+            replies = [c.reply() for _ in reqs]
+            cursors = [LogprobCursor(r) if n_logprobs is not None else None for r in reqs]
 
-            async def choice_events(i: int, req):
-                reply = c.reply()
-                cursor = LogprobCursor(req) if n_logprobs is not None else None
+            def events_of(i: int, piece: str) -> list[str]:
+                cursor = cursors[i]
+                if cursor:
+                    cursor.on_piece()
+                return [sse(chunk(i, delta, entries=cursor.take() if cursor else None))
+                        for delta in replies[i].feed(piece)]
+
+            events = h.stream_choices(
+                reqs, t0, include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 # content null in the first chunk, as llama-server sends it (the role alone)
-                yield sse(chunk(i, {"role": "assistant", "content": None}))
-                async for piece in req:
-                    if not first:
-                        first.append(True)
-                        h.metrics.ttft.observe(time.perf_counter() - t0)
-                    if cursor:
-                        cursor.on_piece()
-                    for delta in reply.feed(piece):
-                        yield sse(chunk(i, delta, entries=cursor.take() if cursor else None))
-                for delta in reply.finish():
-                    yield sse(chunk(i, delta))
-                result = req.result
-                h.record(result, t0, req)
-                err = h.failure(result)
-                if err is not None:
-                    failed.append(err)
-                    yield sse(err.body())
-                    return
-                yield sse(chunk(i, {}, finish_reason(result, reply),
-                                entries=(cursor.rest() or None) if cursor else None))
-
-            async def events():
-                async for ev in merge([choice_events(i, r) for i, r in enumerate(reqs)]):
-                    yield ev
-                if include_usage and not failed:
-                    results = [r.result for r in reqs]
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": name,
-                               "system_fingerprint": h.fingerprint, "choices": [],
-                               "usage": merged_usage(h, results), "timings": timings_of(results[0])})
-                yield "data: [DONE]\n\n"
-
+                start=lambda i: [sse(chunk(i, {"role": "assistant", "content": None}))],
+                events_of=events_of,
+                flush=lambda i: [sse(chunk(i, delta)) for delta in replies[i].finish()],
+                finish_event=lambda i, result: chunk(i, {}, finish_reason(result, replies[i]),
+                                                     entries=(cursors[i].rest() or None) if cursors[i] else None),
+                usage_event=lambda results: {"id": cid, "object": "chat.completion.chunk", "created": created_at,
+                                             "model": name, "system_fingerprint": h.fingerprint, "choices": [],
+                                             "usage": h.merged_usage(results), "timings": timings_of(results[0])})
             # The client going away (or shutdown's grace running out) cancels the choices: KV cells freed.
-            return EventStream(events(), reqs, h.metrics.cancelled.inc)
+            return EventStream(events, reqs, h.metrics.cancelled.inc)
 
         results = await h.finished_all(request, reqs, t0)
         choices = []
@@ -139,7 +79,7 @@ def register(app: FastAPI, h: Serving) -> None:
                             "finish_reason": finish_reason(result, message)})
         out = {"id": cid, "object": "chat.completion", "created": created_at, "model": name,
                "system_fingerprint": h.fingerprint, "choices": choices,
-               "usage": merged_usage(h, results), "timings": timings_of(results[0])}
+               "usage": h.merged_usage(results), "timings": timings_of(results[0])}
         if body.verbose or h.verbose:
             out["__verbose"] = h.verbose_of(eng, reqs[0], results[0], c.tokens, name, body, c.stops, c.requested,
                                             c.capped)

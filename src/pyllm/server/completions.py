@@ -12,7 +12,6 @@ from typing import Optional
 from fastapi import FastAPI, Request
 
 from pyllm.errors import TokenizeError
-from pyllm.server.chat_completions import merge, merged_usage
 from pyllm.server.constraints import constraint_of
 from pyllm.server.errors import APIError
 from pyllm.server.fields import max_tokens_of, refuse_unsupported
@@ -76,45 +75,30 @@ def register(app: FastAPI, h: Serving) -> None:
                     "system_fingerprint": h.fingerprint, "choices": choices, **extra}
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            first, failed = [], []
+            cursors = [LogprobCursor(r) if n_logprobs is not None else None for r in reqs]
+            offsets = [[0] for _ in reqs]
 
-            async def choice_events(i: int, req):
-                cursor = LogprobCursor(req) if n_logprobs is not None else None
-                offset = [0]
-                async for piece in req:
-                    if not first:
-                        first.append(True)
-                        h.metrics.ttft.observe(time.perf_counter() - t0)
-                    if cursor:
-                        cursor.on_piece()
-                    yield sse(obj([choice(i, piece, None, cursor.take() if cursor else None, offset)]))
-                result = req.result
-                h.record(result, t0, req)
-                err = h.failure(result)
-                if err is not None:
-                    failed.append(err)
-                    yield sse(err.body())
-                    return
-                yield sse(obj([choice(i, "", FINISH[result.stop_reason],
-                                      (cursor.rest() or None) if cursor else None, offset)]))
+            def events_of(i: int, piece: str) -> list[str]:
+                cursor = cursors[i]
+                if cursor:
+                    cursor.on_piece()
+                return [sse(obj([choice(i, piece, None, cursor.take() if cursor else None, offsets[i])]))]
 
-            async def events():
-                async for ev in merge([choice_events(i, r) for i, r in enumerate(reqs)]):
-                    yield ev
-                if include_usage and not failed:
-                    results = [r.result for r in reqs]
-                    yield sse(obj([], usage=merged_usage(h, results), timings=timings_of(results[0])))
-                yield "data: [DONE]\n\n"
-
+            events = h.stream_choices(
+                reqs, t0, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                start=lambda i: [], events_of=events_of, flush=lambda i: [],
+                finish_event=lambda i, result: obj([choice(i, "", FINISH[result.stop_reason],
+                                                           (cursors[i].rest() or None) if cursors[i] else None,
+                                                           offsets[i])]),
+                usage_event=lambda results: obj([], usage=h.merged_usage(results), timings=timings_of(results[0])))
             # The client going away (or shutdown's grace running out) cancels the choices: KV cells freed.
-            return EventStream(events(), reqs, h.metrics.cancelled.inc)
+            return EventStream(events, reqs, h.metrics.cancelled.inc)
 
         results = await h.finished_all(request, reqs, t0)
         out = obj([choice(i, result.text, FINISH[result.stop_reason],
                           req.logprobs if n_logprobs is not None else None, [0])
                    for i, (req, result) in enumerate(zip(reqs, results))],
-                  usage=merged_usage(h, results), timings=timings_of(results[0]))
+                  usage=h.merged_usage(results), timings=timings_of(results[0]))
         if body.verbose or h.verbose:
             out["__verbose"] = h.verbose_of(eng, reqs[0], results[0], tokens, name, body, stops, requested, capped)
         return out

@@ -65,9 +65,11 @@ def register(app: FastAPI, h: Serving) -> None:
 
             async def events():
                 reply = c.reply()
+                first = True
                 try:
                     async for piece in req:
-                        if not stream._started:
+                        if first:
+                            first = False
                             h.metrics.ttft.observe(time.perf_counter() - t0)
                             for ev in stream.start(n_prompt=len(c.tokens), n_cached=req.n_prompt_cached):
                                 yield ev

@@ -144,7 +144,7 @@ def register(app: FastAPI, h) -> None:
         # validated as the chat endpoint validates its body (strict: no silent coercion)
         chat = h.validate(ChatCompletionRequest, json.dumps(to_chat(raw)).encode())
         c = await h.start_chat(chat)
-        req, name, parser = c.req, c.name, c.parser
+        req, name, reply = c.req, c.name, c.reply()
         rid, mid, rsid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}", int(time.time())
 
         if chat.stream:
@@ -179,7 +179,7 @@ def register(app: FastAPI, h) -> None:
                     return out
 
                 def content_events(kind: str, piece: str) -> list[str]:
-                    if kind == "reasoning":
+                    if kind == "reasoning_content":
                         reasoning.append(piece)
                         return []
                     out = [] if opened[0] else open_message()
@@ -189,12 +189,12 @@ def register(app: FastAPI, h) -> None:
                     return out
 
                 async for piece in req:
-                    for kind, part in (parser.feed(piece) if parser else [("content", piece)]):
-                        if part:
+                    for delta in reply.feed(piece):
+                        for kind, part in delta.items():
                             for ev in content_events(kind, part):
                                 yield ev
-                for kind, part in (parser.finish() if parser else []):
-                    if part:
+                for delta in reply.finish():
+                    for kind, part in delta.items():
                         for ev in content_events(kind, part):
                             yield ev
                 result = req.result
@@ -218,6 +218,7 @@ def register(app: FastAPI, h) -> None:
             return _EventStream(events(), req, h.metrics.cancelled.inc)
 
         result = await h.finished(request, req, t0)
-        reasoning, content = h.split(parser, result.text)
-        output = ([reasoning_item(rsid, reasoning)] if reasoning is not None else []) + [message_item(mid, content)]
+        message = reply.message(result.text)
+        reasoning = message.get("reasoning_content")
+        output = ([reasoning_item(rsid, reasoning)] if reasoning else []) + [message_item(mid, message["content"])]
         return response_obj(rid, created, name, "completed", output, result)

@@ -18,7 +18,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import Request
 
@@ -40,6 +40,38 @@ from pyllm.server.shapes import chat_logprobs, stops_of
 log = logging.getLogger("pyllm.server")
 
 FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context_full": "length"}
+
+
+async def merge(gens: list) -> AsyncIterator[str]:
+    """The events of several async generators as they come (each one's events stay in order)."""
+    if len(gens) == 1:
+        async for ev in gens[0]:
+            yield ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(g) -> None:
+        try:
+            async for ev in g:
+                await queue.put(ev)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in gens]
+    try:
+        left = len(tasks)
+        while left:
+            ev = await queue.get()
+            if ev is done:
+                left -= 1
+            else:
+                yield ev
+        for t in tasks:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def message_dict(i: int, m: Message) -> dict:
@@ -335,38 +367,49 @@ class Serving:
                 raise err
         return results
 
-    async def sse(self, req, t0: float, include_usage: bool, events_of, finish_event, usage_event,
-                  flush=lambda: ()):
-        """The server-sent events of a streamed request: each piece's events, the finish event (or the
-        error), the usage when asked for, then [DONE]."""
-        first = True
-        async for piece in req:
-            if first:
-                self.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
-            for ev in events_of(piece):
-                yield ev
-        for ev in flush():
-            yield ev
-        result = req.result
-        self.record(result, t0, req)
-        err = self.failure(result)
-        if err is not None:
-            yield sse(err.body())
-        else:
-            yield sse(finish_event(FINISH[result.stop_reason]))
-            if include_usage:
-                yield sse(usage_event(self.usage(result)))
-        yield "data: [DONE]\n\n"
+    def merged_usage(self, results: list) -> dict:
+        """One usage for the choices of a request: the prompt counted once, the completions summed."""
+        use = self.usage(results[0])
+        n_gen = sum(len(r.tokens) for r in results)
+        use["completion_tokens"] = n_gen
+        use["total_tokens"] = use["prompt_tokens"] + n_gen
+        return use
 
-    @staticmethod
-    def split(parser, text: str) -> tuple[Optional[str], str]:
-        """(reasoning or None, content) of a whole reply through a pyllm.chat ReasoningParser (or None)."""
-        if parser is None:
-            return None, text
-        parts = parser.feed(text) + parser.finish()
-        reasoning = "".join(t for k, t in parts if k == "reasoning")
-        return (reasoning or None), "".join(t for k, t in parts if k != "reasoning")
+    async def stream_choices(self, reqs: list, t0: float, *, include_usage: bool, start, events_of, flush,
+                             finish_event, usage_event):
+        """The server-sent events of a streamed request's choices, as they come (each choice's in order):
+        ``start(i)`` events, then per piece ``events_of(i, piece)``, then ``flush(i)`` (text held back), then
+        ``finish_event(i, result)`` (an object) or the choice's error; after every choice the
+        ``usage_event(results)`` object when asked for and nothing failed, then [DONE]. The first piece of
+        any choice is the request's time to first token."""
+        first: list = []
+        failed: list = []
+
+        async def one(i: int, req):
+            for ev in start(i):
+                yield ev
+            async for piece in req:
+                if not first:
+                    first.append(True)
+                    self.metrics.ttft.observe(time.perf_counter() - t0)
+                for ev in events_of(i, piece):
+                    yield ev
+            for ev in flush(i):
+                yield ev
+            result = req.result
+            self.record(result, t0, req)
+            err = self.failure(result)
+            if err is not None:
+                failed.append(err)
+                yield sse(err.body())
+                return
+            yield sse(finish_event(i, result))
+
+        async for ev in merge([one(i, r) for i, r in enumerate(reqs)]):
+            yield ev
+        if include_usage and not failed:
+            yield sse(usage_event([r.result for r in reqs]))
+        yield "data: [DONE]\n\n"
 
     def default_params(self) -> dict:
         """The sampling of a request that sets nothing (llama-server's /props default_generation_settings)."""
@@ -498,8 +541,8 @@ class Serving:
     async def prepare_chat(self, body) -> types.SimpleNamespace:
         """A chat request checked and rendered, nothing submitted: ``eng``, ``name``, ``tokens`` (the
         prompt), ``sampling`` (grammar included), ``stops``, ``preserved`` (token ids whose text stays in the
-        output), ``reply`` (a factory of one pyllm.server.replies.Reply per choice), ``parser`` (the
-        reasoning split of a plain request, or None), ``requested``, ``n_logprobs``, ``constraint``."""
+        output), ``reply`` (a factory of one pyllm.server.replies.Reply per choice), ``requested``,
+        ``n_logprobs``, ``constraint``."""
         eng = self.engine_or_503()
         name = self.check_model(body.model)
         refuse_unsupported(body)
@@ -507,7 +550,6 @@ class Serving:
         sampling, stops, n_logprobs = self.sampling_of(body, eng.model), stops_of(body.stop), chat_logprobs(body)
         requested = max_tokens_of(body)
         fmt = getattr(body, "reasoning_format", None) or self.reasoning_format
-        parser = None
         preserved: list[int] = []
         common = self._common_or_400(cons) if cons.active else None
         if common is not None:
@@ -530,7 +572,6 @@ class Serving:
             prompt = await self.render_chat(eng, body)
             if cons.active:   # a schema or grammar without llama.cpp's template: the grammar as it is
                 sampling = dataclasses.replace(sampling, grammar=cons.plain_grammar())
-            parser = reasoning_parser_for(prompt, self.template) if fmt != "none" else None
             template = self.template
 
             def reply() -> Reply:
@@ -539,7 +580,7 @@ class Serving:
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
-        return types.SimpleNamespace(eng=eng, name=name, parser=parser, reply=reply, tokens=tokens, stops=stops,
+        return types.SimpleNamespace(eng=eng, name=name, reply=reply, tokens=tokens, stops=stops,
                                      sampling=sampling, preserved=preserved, requested=requested,
                                      n_logprobs=n_logprobs, constraint=cons)
 
@@ -616,4 +657,4 @@ class Serving:
             self.common = None
 
 
-__all__ = ["FINISH", "Serving", "message_dict", "check_tool_history"]
+__all__ = ["FINISH", "Serving", "check_tool_history", "merge", "message_dict"]
