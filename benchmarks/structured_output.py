@@ -18,11 +18,15 @@ seed below). Each output is then checked three ways:
 
 An output counts as a success only when it ended by itself (``eog``: the grammar was complete and the model
 chose to stop) and passes ``json`` and ``schema``. One cut by ``max_tokens`` is a failure of the measure, not
-left out: with a grammar that allows unbounded strings, numbers or repetitions a small base model can keep
-writing (a string that never closes, digits to the grammar's 16-digit limit, whitespace runs) and the table
-shows the end of such an output so the reason can be read. A schema whose grammar is looser than the schema
+left out: where a grammar leaves the content open (free property names under ``additionalProperties``,
+arrays without ``maxItems``, recursion, "any value", strings without ``maxLength``) a small base model can
+repeat itself (the same key again and again, ``true, true, ...``, ever deeper ``"children"``, a run of digits
+in a string) until ``max_tokens``; the failure list shows the end of such an output so the reason can be read. A schema whose grammar is looser than the schema
 (llama.cpp ignores ``number`` bounds, ``multipleOf``, ``uniqueItems``, the ``email`` format, and lengths
-beside a ``pattern``) fails ``schema`` when the model takes that freedom; the data file's ``note`` says so.
+beside a ``pattern``, any unanchored or unsupported ``pattern``) fails ``schema`` when the model takes that
+freedom, and a few of llama.cpp's pattern grammars admit an unescaped ``"`` inside a string (its own test
+expects that grammar for ``"pattern": "^\\"$"``), whose output then fails ``json``; the data file's ``note``
+says which.
 
 ``--url`` sends the same schemas to a running OpenAI-compatible server instead, as llama-server documents
 it (tools/server/README.md, ``response_format``; parsed by ``oaicompat_chat_params_parse``):
@@ -227,8 +231,9 @@ def run_engine(entries: Sequence[dict], modes: Sequence[Mode], args: argparse.Na
                     outcomes[i] = judge(e, m.name, finish, res.n_generated, res.text, grammar)
                 n_done += 1
                 if args.verbose:
-                    print(f"[{n_done}/{len(reqs)}] {e['name']} ({m.name}): {finish}, {res.n_generated} tokens",
-                          file=sys.stderr, flush=True)
+                    o = outcomes[i]
+                    print(f"[{n_done}/{len(reqs)}] {e['name']} ({m.name}): {finish}, {res.n_generated} tokens, "
+                          f"{'ok' if o.ok else 'FAILED: ' + o.reason}", file=sys.stderr, flush=True)
             pending = [(i, req) for i, req in pending if outcomes[i] is None]
             if pending:
                 try:

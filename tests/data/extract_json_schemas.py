@@ -46,6 +46,19 @@ FAILURE_REASONS = {
 }
 
 
+# What the grammar of a case admits beyond its schema, as the C++ test's own expected grammar shows (the
+# benchmark prints these beside a failure). Keyed by case name; a case that is gone is an error.
+NOTES = {
+    "regexp quote": "the pattern's literal '\"' goes into the grammar unescaped (expected grammar: "
+                    "root ::= \"\\\"\" (\"\\\"\") \"\\\"\"), so the only output it admits, \"\"\", is not JSON",
+    "regexp": "the pattern's '.' becomes dot ::= [^\\x0A\\x0D], which admits an unescaped '\"' or '\\' inside the "
+              "JSON string, so an output can be cut short or not be JSON",
+    "unanchored regexp": "a pattern without ^...$ is not converted (a warning); the grammar admits any string",
+    "regexp with unsupported shorthand": "\\w is not converted (a warning); the grammar admits any string",
+    "unsupported regexp in a property": "a lookahead is not converted (a warning); the grammar admits any string for a",
+}
+
+
 def _c_string(text: str) -> str:
     """The value of a C++ string literal's body (the escapes these cases use)."""
     return re.sub(r'\\(["\\nt])', lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), text)
@@ -75,11 +88,17 @@ def extract(src: str) -> tuple[list[dict], list[dict]]:
         grammar = m.group(5) if m.group(5) is not None else _c_string(m.group(6))
         schema = json.loads(schema_text)
         if status == "SUCCESS":
-            ok.append({"name": name, "source": SOURCE, "schema": schema, "expected_grammar": trim(grammar)})
+            entry = {"name": name, "source": SOURCE, "schema": schema, "expected_grammar": trim(grammar)}
+            if name in NOTES:
+                entry["note"] = NOTES[name]
+            ok.append(entry)
         else:
             if name not in FAILURE_REASONS:
                 raise SystemExit(f"{SOURCE} has a new expected failure {name!r}: add its reason to FAILURE_REASONS")
             bad.append({"name": name, "source": SOURCE, "schema": schema, "error_contains": FAILURE_REASONS[name]})
+    gone = set(NOTES) - {e["name"] for e in ok}
+    if gone:
+        raise SystemExit(f"NOTES names cases {SOURCE} no longer has as expected successes: {sorted(gone)}")
     if len(ok) + len(bad) != n_calls:
         raise SystemExit(f"{SOURCE} has {n_calls} test({{...}}) calls but {len(ok) + len(bad)} were understood; "
                          "update CASE in this script")

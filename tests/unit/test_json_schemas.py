@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pyllm.chat_common import check_grammar, json_schema_to_grammar
+from pyllm.chat_common import check_grammar, grammar_match, json_schema_to_grammar
 from pyllm.errors import GrammarError, PyllmError
 
 DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "json_schemas.json").read_text())
@@ -78,3 +78,14 @@ def test_what_the_converter_drops_is_looser_than_the_schema():
     assert json_schema_to_grammar({"type": "string", "format": "email"}) == json_schema_to_grammar({"type": "string"})
     items = {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}
     assert json_schema_to_grammar({**items, "uniqueItems": True}) == json_schema_to_grammar(items)
+
+
+def test_some_pattern_grammars_admit_text_that_is_not_json():
+    """The facts behind the notes on "regexp quote" and "regexp": llama.cpp's pattern conversion puts a literal
+    quote in unescaped, and its '.' admits one too, so the grammar's output need not parse as JSON."""
+    quote = json_schema_to_grammar({"type": "string", "pattern": '^"$'})
+    assert grammar_match(quote, '"""').matched and not grammar_match(quote, '"\\""').matched
+    with pytest.raises(ValueError):
+        json.loads('"""')
+    dot = json_schema_to_grammar({"type": "string", "pattern": "^a.$"})
+    assert grammar_match(dot, '"a""').matched
