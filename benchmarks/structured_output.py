@@ -16,7 +16,9 @@ seed below). Each output is then checked three ways:
 - ``grammar``: llama.cpp's grammar engine (``grammar_match``) matches the text against the grammar (whole
   and complete for a finished output, an accepted prefix for one cut short): a check of the sampling path.
 
-An output counts as a success only when it ended by itself (``eog``: the grammar was complete and the model
+A schema with a ``pattern`` llama.cpp's converter cannot express (``unsupported_patterns``; llama.cpp
+would accept any string there) is refused, as ``pyllm serve`` refuses it with a 400: counted as
+"refused", apart from the runs. An output counts as a success only when it ended by itself (``eog``: the grammar was complete and the model
 chose to stop) and passes ``json`` and ``schema``. One cut by ``max_tokens`` is a failure of the measure, not
 left out: where a grammar leaves the content open (free property names under ``additionalProperties``,
 arrays without ``maxItems``, recursion, "any value", strings without ``maxLength``) a small base model can
@@ -195,13 +197,19 @@ class Mode:
 def run_engine(entries: Sequence[dict], modes: Sequence[Mode], args: argparse.Namespace) -> list[Outcome]:
     """Every (schema, mode) through one BatchedEngine at once; the outcomes in submission order."""
     from pyllm.batched import BatchedEngine
-    from pyllm.chat_common import json_schema_to_grammar
+    from pyllm.chat_common import json_schema_to_grammar, unsupported_patterns
     from pyllm.config import EngineConfig
     from pyllm.errors import PyllmError
     from pyllm.sampling import SamplingParams
 
-    jobs = []
+    jobs, refused = [], []
     for e in entries:
+        unsupported = unsupported_patterns(e["schema"])
+        if unsupported:   # as pyllm serve refuses it (a 400): the grammar would not honour the pattern
+            refused += [Outcome(e["name"], e["source"], m.name, "refused", 0, "", note=e.get("note", ""),
+                                reason=f"pattern {unsupported[0]!r} is not supported by llama.cpp's converter")
+                        for m in modes]
+            continue
         grammar = json_schema_to_grammar(e["schema"])
         for m in modes:
             jobs.append((e, m, grammar))
@@ -240,7 +248,7 @@ def run_engine(entries: Sequence[dict], modes: Sequence[Mode], args: argparse.Na
                     pending[0][1].wait(0.5)
                 except TimeoutError:
                     pass
-    return [o for o in outcomes if o is not None]
+    return refused + [o for o in outcomes if o is not None]
 
 
 def response_format(entry: dict) -> dict:
@@ -276,6 +284,9 @@ async def _run_url(entries: Sequence[dict], modes: Sequence[Mode], args: argpars
                     r = await client.post(f"{base}/v1/chat/completions", json=body)
                 except httpx.HTTPError as exc:
                     return Outcome(e["name"], e["source"], m.name, "error", 0, "", reason=f"http: {exc!r}")
+            if 400 <= r.status_code < 500:   # the server refused the schema: not an output, counted apart
+                return Outcome(e["name"], e["source"], m.name, "refused", 0, "",
+                               reason=f"HTTP {r.status_code}: {r.text[:300]}")
             if r.status_code != 200:
                 return Outcome(e["name"], e["source"], m.name, "error", 0, "",
                                reason=f"HTTP {r.status_code}: {r.text[:300]}")
@@ -314,7 +325,11 @@ def report(outcomes: Sequence[Outcome], modes: Sequence[Mode], n_schemas: int, w
         lines.append(f"{_cut(o.name, 52):<52} {'cpp' if o.source.endswith('.cpp') else 'rw':<4} {o.mode:<8} "
                      f"{o.finish:<10} {o.n_tokens:>4} {'yes' if o.json_ok else 'no':<4} "
                      f"{'yes' if o.schema_ok else 'no':<6} {g}")
-    bad = [o for o in outcomes if not o.ok]
+    bad = [o for o in outcomes if not o.ok and o.finish != "refused"]
+    refused = [o for o in outcomes if o.finish == "refused"]
+    if refused:
+        lines += ["", f"refused ({len(refused)}):"]
+        lines += [f"  {o.name} [{o.mode}]: {o.reason}" for o in refused]
     if bad:
         lines += ["", f"failures ({len(bad)}):"]
         for o in bad:
@@ -326,6 +341,8 @@ def report(outcomes: Sequence[Outcome], modes: Sequence[Mode], n_schemas: int, w
 
 
 def summary(outcomes: Sequence[Outcome], modes: Sequence[Mode], n_schemas: int, where: str) -> str:
+    refused = sum(o.finish == "refused" for o in outcomes)
+    outcomes = [o for o in outcomes if o.finish != "refused"]
     n = len(outcomes)
     finishes: dict[str, int] = {}
     for o in outcomes:
@@ -335,7 +352,8 @@ def summary(outcomes: Sequence[Outcome], modes: Sequence[Mode], n_schemas: int, 
                          f"{sum(o.mode == m.name for o in outcomes)}" for m in modes)
     checked = [o for o in outcomes if o.grammar_ok is not None]
     gram = (f"; grammar-consistent {sum(bool(o.grammar_ok) for o in checked)}/{len(checked)}" if checked else "")
-    return (f"structured output ({where}): {n_schemas} schemas x {len(modes)} modes = {n} runs; "
+    return (f"structured output ({where}): {n_schemas} schemas x {len(modes)} modes; refused {refused} "
+            f"(a schema the server answers with a 400); of the {n} runs, "
             f"success (ended, JSON, schema-valid) {sum(o.ok for o in outcomes)}/{n} ({per_mode}); "
             f"valid JSON {sum(o.json_ok for o in outcomes)}/{n}; schema-valid {sum(o.schema_ok for o in outcomes)}/{n}; "
             f"finish: {fin}{gram}")

@@ -451,6 +451,43 @@ def json_schema_to_grammar(schema: Union[Mapping, bool], *, force_gbnf: bool = F
     return text
 
 
+_NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})   # values, not subschemas
+
+
+def _patterns(schema: Any):
+    if isinstance(schema, Mapping):
+        if isinstance(schema.get("pattern"), str):
+            yield schema["pattern"]
+        for key, value in schema.items():
+            if key not in _NOT_SCHEMAS:
+                yield from _patterns(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from _patterns(value)
+
+
+def unsupported_patterns(schema: Union[Mapping, bool]) -> list[str]:
+    """The string ``pattern`` regexes of ``schema`` that llama.cpp's converter cannot express as a grammar,
+    in schema order. For these ``json_schema_to_grammar`` logs "JSON schema conversion was incomplete ...
+    accepting any string" and constrains the string to nothing but JSON string syntax, so a reply would not
+    honour the pattern. Found by llama.cpp's own converter: a pattern is unsupported when its grammar is the
+    one the converter falls back to (that of an unanchored pattern). Patterns under ``const``/``enum``/
+    ``default``/``examples`` are values and are skipped."""
+    found = list(dict.fromkeys(_patterns(schema)))
+    if not found:
+        return []
+    fallback = json_schema_to_grammar({"type": "string", "pattern": "unanchored"})
+    out = []
+    for pattern in found:
+        try:
+            grammar = json_schema_to_grammar({"type": "string", "pattern": pattern})
+        except GrammarError:
+            continue   # an invalid regex fails the whole schema's conversion, with llama.cpp's reason
+        if grammar == fallback:
+            out.append(pattern)
+    return out
+
+
 def check_grammar(grammar: str) -> None:
     """Raise GrammarError, with llama.cpp's GBNF parser's reason (``expecting ::= at ...``), unless ``grammar``
     parses and defines ``root``."""
@@ -490,4 +527,5 @@ def grammar_match(grammar: str, text: str) -> GrammarMatch:
 __all__ = [
     "ChatParams", "ChatParser", "ChatTemplates", "GrammarMatch", "GrammarTrigger", "MessageDelta", "ParsedMessage",
     "REASONING_FORMATS", "TOOL_CHOICES", "ToolCall", "check_grammar", "grammar_match", "json_schema_to_grammar",
+    "unsupported_patterns",
 ]

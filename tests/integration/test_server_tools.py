@@ -186,6 +186,10 @@ BAD = [
         "a": {"$ref": "#/$defs/missing"}}}}}}, "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_object", "schema": {"type": "object", "description": "x" * 70000}}},
      "response_format.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {
+        "zip": {"type": "string", "pattern": "^\\d{5}$"}}}}}}, "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "[a-z]+"}}}}}]}, "tools[0].function.parameters"),
     ({"n": 0}, "n"),
     ({"n": 99}, "n"),
     ({"parallel_tool_calls": "yes", "tools": [WEATHER]}, "parallel_tool_calls"),

@@ -89,3 +89,26 @@ def test_some_pattern_grammars_admit_text_that_is_not_json():
         json.loads('"""')
     dot = json_schema_to_grammar({"type": "string", "pattern": "^a.$"})
     assert grammar_match(dot, '"a""').matched
+
+
+def test_unsupported_patterns_are_the_ones_llama_cpp_lets_any_string_through():
+    """``unsupported_patterns`` names exactly the patterns whose grammar is llama.cpp's "accepting any string"
+    fallback (unanchored, ``\\d``/``\\w`` escapes, lookarounds), wherever they sit in the schema, and leaves
+    the ones the converter expresses, and values that merely look like a pattern (``const``/``enum``)."""
+    from pyllm.chat_common import unsupported_patterns
+
+    schema = {"type": "object", "properties": {
+        "zip": {"type": "string", "pattern": r"^\d{5}$"},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"},
+        "pattern": {"type": "string", "pattern": "abc"},          # a property named "pattern", unanchored
+        "list": {"type": "array", "items": {"anyOf": [{"type": "string", "pattern": "^(?=a)b$"}]}},
+        "fixed": {"const": {"pattern": "not a schema"}}}}
+    assert unsupported_patterns(schema) == [r"^\d{5}$", "abc", "^(?=a)b$"]
+    assert unsupported_patterns({"type": "string", "pattern": "^[a-z]+$"}) == []
+    assert unsupported_patterns(True) == [] and unsupported_patterns({}) == []
+    # the fact it rests on: the converter's grammar for each of them is the same as for any string
+    fallback = json_schema_to_grammar({"type": "string", "pattern": "unanchored"})
+    assert grammar_match(fallback, '"anything 123"').matched
+    for p in unsupported_patterns(schema):
+        assert json_schema_to_grammar({"type": "string", "pattern": p}) == fallback
+    assert json_schema_to_grammar({"type": "string", "pattern": "^[a-z]+$"}) != fallback

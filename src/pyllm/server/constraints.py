@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pyllm.chat_common import check_grammar, json_schema_to_grammar
+from pyllm.chat_common import check_grammar, json_schema_to_grammar, unsupported_patterns
 from pyllm.errors import GrammarError
 from pyllm.server.fields import FieldError
 
@@ -82,8 +82,15 @@ def check_schema(schema: Any, param: str) -> dict:
     schema = dict(schema) or {"type": "object"}
     try:
         json_schema_to_grammar(schema)
+        unsupported = unsupported_patterns(schema)
     except GrammarError as exc:
         raise FieldError(f"{param}: {exc}", param) from None
+    if unsupported:
+        # llama-server warns and lets any string through; a pattern the reply would not honour is refused.
+        raise FieldError(f"{param}: pattern {unsupported[0]!r} is not supported by llama.cpp's JSON-schema "
+                         "converter (the grammar would accept any string there); use a pattern anchored with ^ and "
+                         "$ built from literals, [...] classes, '.', groups, '|' and quantifiers (no \\d, \\w, "
+                         "\\s or lookarounds), or drop the pattern", param)
     return schema
 
 
