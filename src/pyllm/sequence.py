@@ -32,6 +32,19 @@ MAX_TOP_LOGPROBS = 20
 _ids = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A running request's counts and times so far, in :class:`GenerationResult`'s names and units:
+    ``tokens`` (ids generated), ``prompt_ns`` (admission to the first sampled token), ``gen_ns`` (first to
+    last sampled token), ``n_prompt_decoded``, ``n_prompt_cached``."""
+
+    tokens: list
+    prompt_ns: int
+    gen_ns: int
+    n_prompt_decoded: int
+    n_prompt_cached: int
+
+
 class StopReason(str, enum.Enum):
     """Why a generation ended; equal to its lower-case string (``StopReason.EOG == "eog"``)."""
 
@@ -182,6 +195,19 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancelled
+
+    def progress(self) -> "Progress":
+        """The request so far (see :class:`Progress`): what :meth:`finish` reports, measured up to the last
+        sampled token. Safe to read from any thread (llama-server's ``timings_per_token``)."""
+        t_admit, t_first = self._t_admit, self._t_first
+        stamps = list(self.token_ns)
+        last = stamps[-1] if stamps else t_first
+        return Progress(
+            tokens=list(self.token_ids[:len(stamps)]),
+            prompt_ns=(t_first - t_admit) if t_admit and t_first else 0,
+            gen_ns=(last - t_first) if t_first and last else 0,
+            n_prompt_decoded=max(0, min(self._pos, self.n_prompt) - self._n_cached) if t_admit else 0,
+            n_prompt_cached=self._n_cached)
 
     @property
     def n_prompt_cached(self) -> int:

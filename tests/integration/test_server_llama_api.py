@@ -375,3 +375,68 @@ def test_responses_api_through_the_chat_path(server, http):
                         ({"input": "x", "return_progress": True}, "return_progress")):
         r = http.post("/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def _tail(prompt: str) -> str:
+    return prompt[prompt.index("What is the best book"):]
+
+
+def test_a_final_assistant_message_is_continued_as_llama_server_prefills_it(engine):
+    """llama-server's prefill_assistant and continue_final_message, on pyllm's template and on a Jinja
+    template compiled by llama.cpp: the prompt ends with the assistant's text (its parts joined by a blank
+    line), no new turn; the conflicting forms are 400s naming the field."""
+    from pyllm import chat
+
+    base = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+    templates = [None] + (["meta-llama-Llama-3.1-8B-Instruct"] if chat.templates_dir() is not None else [])
+    for template in templates:
+        server = _app(engine, chat_template=template, verbose_responses=True)
+        try:
+            def post(**extra):
+                return httpx.post(server.url + "/v1/chat/completions", json={"max_tokens": 2, "temperature": 0,
+                                                                             **extra}, timeout=120)
+            turn = post(messages=base).json()["__verbose"]["prompt"]
+            assert not turn.endswith("Whill")
+            for extra in ({"messages": base + [{"role": "assistant", "content": "Whill"}]},
+                          {"messages": base + [{"role": "assistant", "content": "Whill"}],
+                           "continue_final_message": True, "add_generation_prompt": False}):
+                r = post(**extra)
+                assert r.status_code == 200, r.text
+                # the new turn's opening (the generation prompt) and then the assistant's text (compared from the
+                # user's message on: llama.cpp's renderer gives Llama 3.1's template today's date, pyllm's its default)
+                assert _tail(r.json()["__verbose"]["prompt"]) == _tail(turn) + "Whill", (template, r.json())
+            parts = [{"type": "text", "text": "Wh"}, {"type": "text", "text": "ill"}]
+            r = post(messages=base + [{"role": "assistant", "content": parts}])
+            assert _tail(r.json()["__verbose"]["prompt"]) == _tail(turn) + "Wh\n\nill"
+            for extra, param in (
+                    ({"messages": base + [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                     "messages"),
+                    ({"messages": base + [{"role": "assistant", "content": "Whill"}], "continue_final_message": True},
+                     "continue_final_message"),
+                    ({"messages": base, "continue_final_message": True, "add_generation_prompt": False},
+                     "continue_final_message"),
+                    ({"messages": base + [{"role": "assistant", "content": "x"}], "continue_final_message": "all",
+                      "add_generation_prompt": False}, "continue_final_message")):
+                r = post(**extra)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, (template, extra, r.text)
+            # add_generation_prompt false alone: the conversation as it is, no turn opened
+            r = post(messages=base, add_generation_prompt=False)
+            assert r.status_code == 200 and _tail(turn).startswith(_tail(r.json()["__verbose"]["prompt"]))
+            assert len(_tail(r.json()["__verbose"]["prompt"])) < len(_tail(turn))
+        finally:
+            server.stop()
+
+
+def test_timings_per_token_in_a_chat_stream(http):
+    """llama-server's timings_per_token: each content chunk carries the request's timings so far
+    (predicted_n counting up), the usage chunk the final ones; the role chunk none."""
+    r = http.post("/v1/chat/completions", json={"max_tokens": 5, "stream": True, "timings_per_token": True,
+                                                "stream_options": {"include_usage": True}, "temperature": 0,
+                                                "messages": [{"role": "user", "content": "test"}]})
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    assert "timings" not in events[0] and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    counts = [e["timings"]["predicted_n"] for e in events[1:] if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert counts and counts == sorted(counts) and counts[-1] <= 5
+    usage = events[-1]
+    assert usage["choices"] == [] and usage["timings"]["predicted_n"] == usage["usage"]["completion_tokens"]
+    assert usage["timings"]["prompt_n"] + usage["timings"]["cache_n"] == usage["usage"]["prompt_tokens"]

@@ -35,7 +35,7 @@ def register(app: FastAPI, h: Serving) -> None:
         t0 = time.perf_counter()
         body = await h.parse(request, ChatCompletionRequest, h.max_body_bytes)
         n = h.check_n(h.engine_or_503(), body.n)
-        c = await h.start_chat(body, n=n)
+        c = await h.start_chat(body, n=n, honoured=frozenset({"timings_per_token"}))
         eng, name, reqs, n_logprobs = c.eng, c.name, c.reqs, c.n_logprobs
         cid, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -47,14 +47,18 @@ def register(app: FastAPI, h: Serving) -> None:
 
         if body.stream:
             replies = [c.reply() for _ in reqs]
+            timings_per_token = bool(getattr(body, "timings_per_token", False))
             cursors = [LogprobCursor(r) if n_logprobs is not None else None for r in reqs]
 
             def events_of(i: int, piece: str) -> list[str]:
                 cursor = cursors[i]
                 if cursor:
                     cursor.on_piece()
-                return [sse(chunk(i, delta, entries=cursor.take() if cursor else None))
-                        for delta in replies[i].feed(piece)]
+                out = [chunk(i, delta, entries=cursor.take() if cursor else None) for delta in replies[i].feed(piece)]
+                if timings_per_token:   # llama-server's: each chunk carries the request's timings so far
+                    for ev in out:
+                        ev["timings"] = timings_of(reqs[i].progress())
+                return [sse(ev) for ev in out]
 
             events = h.stream_choices(
                 reqs, t0, include_usage=bool(body.stream_options and body.stream_options.include_usage),

@@ -18,7 +18,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from fastapi import Request
 
@@ -74,8 +74,9 @@ async def merge(gens: list) -> AsyncIterator[str]:
             t.cancel()
 
 
-def message_dict(i: int, m: Message) -> dict:
-    """A chat message as the template takes it: text parts joined, a missing assistant content ""."""
+def message_dict(i: int, m: Message, *, joiner: str = "") -> dict:
+    """A chat message as the template takes it: text parts joined (by ``joiner``), a missing assistant
+    content ""."""
     d = m.model_dump(exclude_none=True)
     content = m.content
     if isinstance(content, list):
@@ -86,7 +87,7 @@ def message_dict(i: int, m: Message) -> dict:
                                     "only text parts ({'type': 'text', 'text': ...})",
                                param=f"messages[{i}].content[{j}].type")
             texts.append(part.text)
-        d["content"] = "".join(texts)
+        d["content"] = joiner.join(texts)
     elif content is None:
         if m.role != "assistant":
             raise APIError(400, f"messages[{i}] (role {m.role!r}) has no content; expected a string",
@@ -448,9 +449,68 @@ class Serving:
     def messages_of(self, body) -> list[dict]:
         if not body.messages:
             raise APIError(400, "messages is empty; expected at least one message", param="messages")
-        messages = [message_dict(i, m) for i, m in enumerate(body.messages)]
+        last = len(body.messages) - 1
+        # A final assistant message is the text the reply continues (prefill): its parts are joined by a
+        # blank line, as llama.cpp's common_chat_msg::render_content joins them.
+        messages = [message_dict(i, m, joiner="\n\n" if i == last and m.role == "assistant" else "")
+                    for i, m in enumerate(body.messages)]
         check_tool_history(messages)
         return messages
+
+    @staticmethod
+    def continuation_of(body, messages: list[dict]) -> Union[bool, str, None]:
+        """llama-server's rule for continuing the last message (``oaicompat_chat_params_parse``): the request's
+        ``continue_final_message`` (true / "content" / "reasoning_content"; false / "none" / absent: no), or,
+        as llama-server's default ``prefill_assistant``, a conversation that ends with an assistant message:
+        the reply continues that message's text instead of starting a new turn. 400 for two assistant
+        messages at the end, for continuing with ``add_generation_prompt`` true, for continuing a message
+        that is not the assistant's or that holds tool calls."""
+        value = getattr(body, "continue_final_message", None)
+        if value is not None and value not in (True, False, "content", "reasoning_content", "none"):
+            raise APIError(400, f"continue_final_message={value!r}; expected true, false, 'content', "
+                                "'reasoning_content' or 'none'", param="continue_final_message")
+        cont = None if value in (None, False, "none") else value
+        add_generation_prompt = getattr(body, "add_generation_prompt", True)
+        last = messages[-1]
+        if cont is None and last.get("role") == "assistant":
+            if len(messages) >= 2 and messages[-2].get("role") == "assistant":
+                raise APIError(400, "messages ends with 2 assistant messages; at most one (the message the reply "
+                                    "continues) may end the list", param="messages")
+            cont, add_generation_prompt = True, False
+        if cont is None:
+            return None
+        if add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt are both true; continuing the "
+                                "last message adds no generation prompt (send add_generation_prompt: false)",
+                           param="continue_final_message")
+        if last.get("role") != "assistant":
+            raise APIError(400, f"continue_final_message needs the last message to be the assistant's; it is "
+                                f"{last.get('role')!r}", param="continue_final_message")
+        if last.get("tool_calls"):
+            raise APIError(400, "the last assistant message holds tool calls; a message with tool calls cannot be "
+                                "continued", param="messages")
+        return cont
+
+    async def render_continued(self, eng, body, messages: list[dict]):
+        """The prompt of a conversation whose last (assistant) message the reply continues, with pyllm's
+        template: the earlier messages with the generation prompt, then that message's text (text parts
+        joined by a blank line, as llama.cpp's ``render_content``) as plain text. (A Jinja template compiled
+        by llama.cpp continues through llama.cpp instead: :meth:`render_common`.)"""
+        from pyllm.chat import ChatPrompt
+
+        content = messages[-1].get("content") or ""
+        tmpl = self.chat_template_of(eng)
+        kwargs = self.template_kwargs(body)
+
+        def render():
+            prompt = tmpl.render_prompt(messages[:-1], eng.model, add_generation_prompt=True, tools=body.tools,
+                                        special_in_messages=self.special_in_messages, **kwargs)
+            ids = eng.model.tokenize(content, add_special=False, parse_special=self.special_in_messages)
+            after = list(eng.model.special_frame()[1])
+            head = prompt.tokens[:len(prompt.tokens) - len(after)] if after else prompt.tokens
+            return ChatPrompt(prompt.text + content, head + ids + after, prompt.generation_prompt + content)
+
+        return await self._rendering(render)
 
     async def render_chat(self, eng, body, *, add_generation_prompt: bool = True, text_only: bool = False):
         """The conversation of a chat request (or /apply-template's) rendered by the server's template: a
@@ -500,7 +560,8 @@ class Serving:
                                 "template that does (--chat-template NAME)", param="tools")
         return self.common
 
-    async def render_common(self, eng, body, cons: Constraint, reasoning_format: str):
+    async def render_common(self, eng, body, cons: Constraint, reasoning_format: str, *,
+                            continuation: Union[bool, str, None] = None, add_generation_prompt: bool = True):
         """The prompt (a ChatPrompt) and llama.cpp's ChatParams for a request with tools or a constraint,
         rendered by llama.cpp's compiled template exactly as llama-server renders it, tokenized so that
         message text stays plain text (pyllm.chat.render_safely)."""
@@ -518,7 +579,9 @@ class Serving:
                                       parallel_tool_calls=cons.parallel_tool_calls, json_schema=cons.json_schema,
                                       grammar=cons.grammar or None, enable_thinking=enable_thinking,
                                       reasoning_format="none" if reasoning_format == "none" else "auto",
-                                      chat_template_kwargs=template_kwargs or None)
+                                      chat_template_kwargs=template_kwargs or None,
+                                      continue_final_message=continuation,
+                                      add_generation_prompt=add_generation_prompt and not continuation)
             return params.prompt, params.generation_prompt, params
 
         def run():
@@ -528,32 +591,36 @@ class Serving:
         return await self._rendering(run)
 
     # ---- the one engine-request builder of the conversing APIs ----
-    async def start_chat(self, body, *, n: int = 1) -> types.SimpleNamespace:
+    async def start_chat(self, body, *, n: int = 1, honoured: frozenset = frozenset()) -> types.SimpleNamespace:
         """A chat request (ChatCompletionRequest) checked, rendered and submitted: :meth:`prepare_chat`'s
         fields and ``req`` (the first choice), ``reqs`` (all ``n`` choices), ``capped``. Every API that
         converses (chat completions, messages, responses) starts here, so a field is read once."""
-        c = await self.prepare_chat(body)
+        c = await self.prepare_chat(body, honoured=honoured)
         max_tokens, c.capped = self.cap(c.eng, len(c.tokens), c.requested, "messages")
         c.reqs = self.submit_n(c.eng, n, c.tokens, max_tokens, c.sampling, c.stops, body, c.n_logprobs, c.preserved)
         c.req = c.reqs[0]
         return c
 
-    async def prepare_chat(self, body) -> types.SimpleNamespace:
+    async def prepare_chat(self, body, *, honoured: frozenset = frozenset()) -> types.SimpleNamespace:
         """A chat request checked and rendered, nothing submitted: ``eng``, ``name``, ``tokens`` (the
         prompt), ``sampling`` (grammar included), ``stops``, ``preserved`` (token ids whose text stays in the
         output), ``reply`` (a factory of one pyllm.server.replies.Reply per choice), ``requested``,
         ``n_logprobs``, ``constraint``."""
         eng = self.engine_or_503()
         name = self.check_model(body.model)
-        refuse_unsupported(body)
+        # ``honoured``: fields of fields.REFUSED that the calling API implements itself
+        refuse_unsupported(body, honoured=frozenset({"continue_final_message", "add_generation_prompt"}) | honoured)
         cons = constraint_of(body, chat=True)
+        continuation = self.continuation_of(body, self.messages_of(body))
         sampling, stops, n_logprobs = self.sampling_of(body, eng.model), stops_of(body.stop), chat_logprobs(body)
         requested = max_tokens_of(body)
         fmt = getattr(body, "reasoning_format", None) or self.reasoning_format
         preserved: list[int] = []
-        common = self._common_or_400(cons) if cons.active else None
+        # llama.cpp's compiled template renders tools, constraints and continued messages, as in llama-server
+        common = self._common_or_400(cons) if cons.active or continuation else None
         if common is not None:
-            prompt, params = await self.render_common(eng, body, cons, fmt)
+            prompt, params = await self.render_common(eng, body, cons, fmt, continuation=continuation,
+                                                      add_generation_prompt=getattr(body, "add_generation_prompt", True))
             try:
                 grammar = params.grammar_sampling(eng.model)
             except GrammarError as exc:
@@ -569,7 +636,11 @@ class Serving:
             def reply() -> Reply:
                 return CommonReply(params.make_parser())
         else:
-            prompt = await self.render_chat(eng, body)
+            if continuation:
+                prompt = await self.render_continued(eng, body, self.messages_of(body))
+            else:
+                prompt = await self.render_chat(eng, body, add_generation_prompt=getattr(body, "add_generation_prompt",
+                                                                                          True))
             if cons.active:   # a schema or grammar without llama.cpp's template: the grammar as it is
                 sampling = dataclasses.replace(sampling, grammar=cons.plain_grammar())
             template = self.template
