@@ -1,0 +1,221 @@
+"""``pyllm serve --replicas 2`` on a real local Ray (2 CPUs): two replicas of a small synthetic model
+answer concurrent streams, a conversation's turns stay on one replica (prefix affinity), replicas
+answer as ``pyllm serve`` does (auth, errors), and SIGINT leaves no Ray process behind.
+
+One Ray instance (the command's) serves the whole module; skipped where ``ray[serve]`` is not installed."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'pyllm[ray]')")
+httpx = pytest.importorskip("httpx")
+
+from .serving import free_port  # noqa: E402
+
+CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(main())"]
+TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+KEY = "test-key-replicas"
+SYSTEM = "You are a careful assistant. " * 20   # a long shared head, as agents send
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker`` (the command, Ray's daemons and workers inherit it)."""
+    found = []
+    needle = f"PYLLM_REPLICAS_TEST={marker}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+class Replicas:
+    def __init__(self, model: Path, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.marker = uuid.uuid4().hex
+        env = dict(os.environ, PYLLM_REPLICAS_TEST=self.marker, PYLLM_API_KEY=KEY,
+                   RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+        self.log = open(tmp / "serve.log", "w+")
+        self.proc = subprocess.Popen(
+            CLI + ["serve", "--replicas", "2", "-m", str(model), "-c", "4096", "-np", "2", "-t", "1",
+                   "--port", str(self.port), "--cache-ram", "0"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+        self.stopped = False
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pyllm serve --replicas exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                seen = set()
+                for _ in range(8):   # both replicas answer /health
+                    r = httpx.get(self.url + "/health", timeout=5)
+                    if r.status_code != 200:
+                        break
+                    seen.add(r.headers.get("x-pyllm-replica"))
+                if len(seen) == 2:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the replicas were not ready within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-6000:]
+
+    def stop(self, timeout: float = 90.0) -> int:
+        if not self.stopped:
+            self.stopped = True
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"pyllm serve --replicas did not stop within {timeout} s:\n{self.output()}")
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def replicas(synthetic, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replicas")
+    model = synthetic.write_llama(tmp / "chat.gguf", n_embd=64, n_layer=2, n_head=4, n_head_kv=2,
+                                  chat_template=TEMPLATE)
+    server = Replicas(model, tmp)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if not server.stopped:
+            server.stop()
+        leftover = _marked(server.marker)
+        for pid in leftover:   # never leave them running after a failure
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _headers() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def _chat(url: str, messages: list, max_tokens: int = 8, stream: bool = False) -> httpx.Response:
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=_headers(), timeout=120)
+
+
+def test_concurrent_streams_are_answered_by_both_replicas(replicas):
+    def stream(i: int) -> tuple[str, dict]:
+        body = {"messages": [{"role": "user", "content": f"conversation {i}: {uuid.uuid4().hex}"}],
+                "max_tokens": 16, "temperature": 0, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", replicas.url + "/v1/chat/completions", json=body, headers=_headers(),
+                          timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in events if c["choices"]][-1] == "length"
+        return r.headers["x-pyllm-replica"], events[-1]["usage"]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(stream, range(6)))
+    for _replica, usage in results:
+        assert usage["completion_tokens"] == 16, usage
+    # New conversations have no cached prefix: they go to the least-loaded replica, ties at random.
+    seen = {rep for rep, _ in results}
+    for i in range(20):
+        if len(seen) == 2:
+            break
+        r = _chat(replicas.url, [{"role": "user", "content": f"spread {i} {uuid.uuid4().hex}"}], max_tokens=1)
+        assert r.status_code == 200, r.text
+        seen.add(r.headers["x-pyllm-replica"])
+    assert len(seen) == 2, f"every request went to {seen}"
+
+
+def test_a_conversation_stays_on_one_replica(replicas):
+    for conversation in range(3):
+        messages = [{"role": "system", "content": SYSTEM + f"(conversation {conversation} {uuid.uuid4().hex})"}]
+        where = []
+        for turn in range(4):
+            messages.append({"role": "user", "content": f"turn {turn}: tell me more"})
+            r = _chat(replicas.url, messages)
+            assert r.status_code == 200, r.text
+            where.append(r.headers["x-pyllm-replica"])
+            messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+            if turn > 0:   # this turn's prompt starts with the previous turn's: its replica reused it
+                assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, r.json()["usage"]
+        assert len(set(where)) == 1, f"conversation {conversation}'s turns went to {where}"
+
+
+def test_replicas_answer_as_pyllm_serve_does(replicas):
+    r = httpx.post(replicas.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(replicas.url + "/v1/chat/completions", content=b"{not json", headers=_headers(), timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(replicas.url + "/v1/chat/completions", headers=_headers(), timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": "two"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.get(replicas.url + "/v1/models", headers=_headers(), timeout=30)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "chat.gguf"
+    r = httpx.get(replicas.url + "/metrics", headers=_headers(), timeout=30)
+    assert r.status_code == 200 and "llamacpp:requests_processing" in r.text
+
+
+def _cancelled(text: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("pyllm_requests_cancelled_total"))
+
+
+def test_a_stream_the_client_abandons_is_cancelled(replicas):
+    body = {"messages": [{"role": "user", "content": f"long {uuid.uuid4().hex}"}], "max_tokens": 1900,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", replicas.url + "/v1/chat/completions", json=body, headers=_headers(), timeout=60) as r:
+        assert r.status_code == 200
+        replica = r.headers["x-pyllm-replica"]
+        for n, _line in enumerate(r.iter_lines()):
+            if n >= 4:
+                break
+    # The replica that streamed it counts the request as cancelled by the disconnect, and goes idle.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = httpx.get(replicas.url + "/metrics", headers=_headers(), timeout=30)
+        if r.headers["x-pyllm-replica"] == replica and _cancelled(r.text) >= 1:
+            slots = httpx.get(replicas.url + "/slots", headers=_headers(), timeout=30)
+            if slots.headers["x-pyllm-replica"] == replica:
+                assert not any(s["is_processing"] for s in slots.json())
+            return
+        time.sleep(0.3)
+    pytest.fail(f"replica {replica} did not count the abandoned stream as cancelled within 60 s")
+
+
+def test_sigint_stops_serve_and_ray_leaves_no_process(replicas):
+    assert _marked(replicas.marker), "no Ray process carries the test's marker: the check below would prove nothing"
+    assert replicas.stop() == 0, replicas.output()
+    deadline = time.monotonic() + 30
+    while (left := _marked(replicas.marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left after shutdown: {left}"
