@@ -6,10 +6,11 @@ conversation's next turn where its earlier turns are cached. Tokenizing in the r
 model's vocabulary and chat template there; instead the router compares what the API requests say,
 before any template runs:
 
-- a request's prompt is cut into blocks: one for the settings that shape the rendered prompt's head
-  (the path's API family, ``model``, ``tools``, ``system``, ``instructions``), then one block per message
+- a request's prompt is cut into blocks: one per message
   (chat ``messages``, Anthropic ``messages``, Responses ``input`` items, each serialized as canonical
-  JSON), or ``BLOCK_CHARS``-character blocks of a plain ``prompt`` (completions);
+  JSON), or ``BLOCK_CHARS``-character blocks of a plain ``prompt`` (completions); the settings that shape
+  the rendered prompt's head (the path's API family, ``model``, ``tools``, ``system``, ``instructions``)
+  are part of the first block, so two requests share no block unless they share their first message;
 - block ``i``'s hash covers blocks ``0..i`` (a chain: ``h_i = blake2b(h_{i-1} || block_i)``, 64 bits), so
   one matching hash means the whole prefix up to it matches;
 - each chain element carries the prompt characters it covers, the measure of "longest".
@@ -59,7 +60,7 @@ def _chain(blocks: Iterable[str]) -> list[tuple[int, int]]:
 
 def prefix_chain(path: str, body: bytes) -> list[tuple[int, int]]:
     """The hash chain of a request's prompt: ``[(hash, prompt_chars_through_this_block), ...]``, the
-    head block first. ``path``: the request's URL path; ``body``: its raw JSON body. Empty (no affinity,
+    first block (with the head) first. ``path``: the request's URL path; ``body``: its raw JSON body. Empty (no affinity,
     the router picks the least-loaded replica) for a path that takes no prompt or a body that is not a
     JSON object; the replica then answers the request as it would any other (a 4xx for a bad body)."""
     family = _FAMILIES.get(path.rstrip("/") or "/")
@@ -92,7 +93,9 @@ def prefix_chain(path: str, body: bytes) -> list[tuple[int, int]]:
             blocks = []
     if not blocks:
         return []
-    return _chain([head, *blocks])
+    # The head joins the first block: a head alone (the same for every request of an API and model) is no
+    # shared prompt, so it must not count as a match.
+    return _chain([head + blocks[0], *blocks[1:]])
 
 
 def match_chars(chain: Sequence[Sequence[int]], known) -> int:
@@ -123,10 +126,11 @@ class RecentChains:
         hashes = tuple(int(h) for h, _ in chain)
         if key in self._chains:
             self._drop(key)
-        self._chains[key] = (time.monotonic() if now is None else now, hashes)
+        now = time.monotonic() if now is None else now
+        self._chains[key] = (now, hashes)
         for h in hashes:
             self._count[h] = self._count.get(h, 0) + 1
-        self.trim(self.capacity)
+        self.trim(self.capacity, now)
 
     def trim(self, capacity: int, now: Optional[float] = None) -> None:
         """Keep the newest ``capacity`` chains (and, with a ttl, only those younger than it)."""
