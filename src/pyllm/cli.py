@@ -516,7 +516,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise PyllmError(f"pyllm serve --replicas needs the ray extra ({exc.name} is missing): "
                              "pip install 'pyllm[ray]'") from None
         return serve_replicas(config, settings, args.replicas, num_cpus=args.replica_cpus,
-                              imbalance_threshold=args.imbalance_threshold)
+                              imbalance_threshold=args.imbalance_threshold, router=args.replica_router)
     return serve(config, settings)
 
 
@@ -564,6 +564,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--imbalance-threshold", type=int, default=4, metavar="REQUESTS",
                    help="with --replicas: the replica holding a prompt's longest prefix gets it unless it has more "
                         "than this many ongoing requests above the least-loaded one (default 4)")
+    p.add_argument("--replica-router", choices=("prefix-affinity", "power-of-two"), default="prefix-affinity",
+                   help="with --replicas: pyllm's prefix-affinity router (default) or Ray Serve's default "
+                        "power-of-two-choices router (the baseline of benchmarks/replicas.py)")
     p.add_argument("-n", "--n-predict", "--predict", type=int,
                    help="max_tokens of requests that give none (env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / "
                         "n_parallel - prompt)")

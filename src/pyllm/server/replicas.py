@@ -286,24 +286,30 @@ class PyllmIngress:
         return _Forward(self._replicas, self._max_body)
 
 
+ROUTERS = ("prefix-affinity", "power-of-two")
+
+
 def build_app(config: EngineConfig, settings: ServeSettings, num_replicas: int, *, num_cpus: float = 1,
-              num_gpus: float = 0, imbalance_threshold: int = 4, routing_stats_period_s: float = 1.0):
+              num_gpus: float = 0, imbalance_threshold: int = 4, routing_stats_period_s: float = 1.0,
+              router: str = "prefix-affinity"):
     """The Ray Serve application: ``num_replicas`` PyllmReplica (``num_cpus``/``num_gpus`` Ray resources
-    each) behind one PyllmIngress that routes with PrefixAffinityRouter."""
+    each) behind one PyllmIngress that routes with PrefixAffinityRouter (``router="power-of-two"``: Ray
+    Serve's default router instead, the baseline benchmarks/replicas.py compares against)."""
     if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
         raise ConfigError(f"replicas={num_replicas!r} is out of range; expected an integer >= 1")
+    if router not in ROUTERS:
+        raise ConfigError(f"router={router!r} is not known; expected one of {', '.join(ROUTERS)}")
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{name}={value!r} is out of range; expected a number >= 0")
     per_replica = config.n_parallel + settings.max_queue + 8   # the engine answers 503 itself when full
+    routing = {} if router == "power-of-two" else {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter, request_router_kwargs={"imbalance_threshold": imbalance_threshold},
+        request_routing_stats_period_s=routing_stats_period_s)}
     replica = serve.deployment(
         PyllmReplica, name="PyllmReplica", num_replicas=num_replicas, max_ongoing_requests=per_replica,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        graceful_shutdown_timeout_s=max(settings.grace_s, 1.0),
-        request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAffinityRouter,
-            request_router_kwargs={"imbalance_threshold": imbalance_threshold},
-            request_routing_stats_period_s=routing_stats_period_s),
+        graceful_shutdown_timeout_s=max(settings.grace_s, 1.0), **routing,
     ).bind(config, settings)
     ingress = serve.deployment(PyllmIngress, name="PyllmIngress", num_replicas=1,
                                max_ongoing_requests=num_replicas * per_replica + 64,
@@ -312,9 +318,10 @@ def build_app(config: EngineConfig, settings: ServeSettings, num_replicas: int, 
 
 
 def build(args: dict):
-    """``serve run pyllm.server.replicas:build num_replicas=2 [num_gpus=1 num_cpus=1 imbalance_threshold=4]``
+    """``serve run pyllm.server.replicas:build num_replicas=2 [num_gpus=1 num_cpus=1 imbalance_threshold=4
+    router=prefix-affinity|power-of-two]``
     against a running Ray cluster; engine and server settings from the environment and ``.env``."""
-    known = {"num_replicas": int, "num_cpus": float, "num_gpus": float, "imbalance_threshold": int}
+    known = {"num_replicas": int, "num_cpus": float, "num_gpus": float, "imbalance_threshold": int, "router": str}
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
@@ -330,7 +337,7 @@ def build(args: dict):
 
 
 def serve_replicas(config: Optional[EngineConfig], settings: Optional[ServeSettings], num_replicas: int, *,
-                   num_cpus: float = 1, imbalance_threshold: int = 4) -> int:
+                   num_cpus: float = 1, imbalance_threshold: int = 4, router: str = "prefix-affinity") -> int:
     """``pyllm serve --replicas N``: start Ray on this machine, serve N replicas on ``settings``'
     host/port until SIGINT/SIGTERM, then shut Serve and Ray down. One GPU per replica when Ray sees at
     least N GPUs, none otherwise. Returns the exit status (0 after a clean stop)."""
@@ -343,7 +350,8 @@ def serve_replicas(config: Optional[EngineConfig], settings: Optional[ServeSetti
     config, settings = prepare(config, settings)
     if len(settings.hosts) != 1:
         raise ConfigError(f"host={settings.host!r}: Ray Serve binds one address; give one with --replicas")
-    app = build_app(config, settings, num_replicas, num_cpus=num_cpus, imbalance_threshold=imbalance_threshold)
+    options = dict(num_cpus=num_cpus, imbalance_threshold=imbalance_threshold, router=router)
+    app = build_app(config, settings, num_replicas, **options)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -352,8 +360,7 @@ def serve_replicas(config: Optional[EngineConfig], settings: Optional[ServeSetti
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
             if gpus >= num_replicas:
-                app = build_app(config, settings, num_replicas, num_cpus=num_cpus, num_gpus=1,
-                                imbalance_threshold=imbalance_threshold)
+                app = build_app(config, settings, num_replicas, num_gpus=1, **options)
             serve.start(http_options={"host": settings.hosts[0], "port": settings.port})
             serve.run(app, name="pyllm", route_prefix="/", blocking=False)
             log.info("serving %d replica(s) on http://%s:%d", num_replicas, settings.hosts[0], settings.port)
