@@ -1,6 +1,8 @@
 """``pyllm serve --replicas 2`` on a real local Ray (2 CPUs): two replicas of a small synthetic model
 answer concurrent streams, a conversation's turns stay on one replica (prefix affinity), replicas
-answer as ``pyllm serve`` does (auth, errors), and SIGINT leaves no Ray process behind.
+answer as ``pyllm serve`` does (auth, errors, metrics, cancellation on disconnect), a killed replica's
+stream ends with an error event while the other streams on and Ray replaces it, and SIGINT leaves no
+Ray process behind.
 
 One Ray instance (the command's) serves the whole module; skipped where ``ray[serve]`` is not installed."""
 from __future__ import annotations
@@ -210,6 +212,67 @@ def test_a_stream_the_client_abandons_is_cancelled(replicas):
             return
         time.sleep(0.3)
     pytest.fail(f"replica {replica} did not count the abandoned stream as cancelled within 60 s")
+
+
+def _replica_processes(marker: str) -> list[int]:
+    out = []
+    for pid in _marked(marker):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"PyllmReplica" in title:
+            out.append(pid)
+    return out
+
+
+def test_a_killed_replica_ends_its_streams_with_an_error_and_is_replaced(replicas):
+    victims = _replica_processes(replicas.marker)
+    assert len(victims) == 2, f"expected 2 replica processes, found {victims}"
+    before = set()
+    for _ in range(20):
+        before.add(httpx.get(replicas.url + "/health", timeout=10).headers["x-pyllm-replica"])
+    streams = []
+    for i in range(2):   # the second goes to the other replica: the first one is busier
+        body = {"messages": [{"role": "user", "content": f"doomed {i} {uuid.uuid4().hex}"}], "max_tokens": 1900,
+                "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        cm = httpx.stream("POST", replicas.url + "/v1/chat/completions", json=body, headers=_headers(), timeout=60)
+        r = cm.__enter__()
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = [next(lines) for _ in range(3)]
+        streams.append((cm, r, lines, first))
+    assert len({r.headers["x-pyllm-replica"] for _, r, _, _ in streams}) == 2
+    os.kill(victims[0], signal.SIGKILL)
+    ends = []
+    t0 = time.monotonic()
+    for cm, r, lines, first in streams:
+        rest = [line for line in lines if line.startswith("data: ")]
+        cm.__exit__(None, None, None)
+        ends.append(rest)
+    assert time.monotonic() - t0 < 60, "a stream hung after its replica was killed"
+    errors = [rest for rest in ends if rest and '"error"' in rest[-1]]
+    complete = [rest for rest in ends if rest and rest[-1] == "data: [DONE]"]
+    assert len(errors) == 1 and len(complete) == 1, [rest[-2:] for rest in ends]
+    usage = json.loads(complete[0][-2][len("data: "):])["usage"]
+    assert usage["completion_tokens"] == 1900, usage
+    # Ray starts a new replica in the killed one's place; requests keep being answered meanwhile.
+    deadline = time.monotonic() + 180
+    after: set = set()
+    while time.monotonic() < deadline:
+        r = httpx.get(replicas.url + "/health", timeout=30)
+        if r.status_code == 503:   # routed to the dead replica before Ray noticed: a clean error, not a hang
+            assert r.json()["error"]["type"] == "unavailable_error", r.text
+            time.sleep(0.5)
+            continue
+        assert r.status_code == 200, r.text
+        after.add(r.headers["x-pyllm-replica"])
+        if len(after - before) >= 1 and len(after) >= 2:
+            break
+        time.sleep(0.5)
+    assert after - before, f"no new replica answered within 180 s (before {before}, after {after})"
+    r = _chat(replicas.url, [{"role": "user", "content": "still there?"}], max_tokens=2)
+    assert r.status_code == 200, r.text
 
 
 def test_sigint_stops_serve_and_ray_leaves_no_process(replicas):
