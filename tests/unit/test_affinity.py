@@ -150,3 +150,23 @@ def test_router_remembers_where_it_sent_a_prompt_until_the_reports_carry_it():
     router.on_request_routed(request, "b", None)
     for _ in range(10):
         assert _choose(router, [a, b], chat(*turn2))[0] == ["b"]
+
+
+def test_bad_router_and_deployment_settings_are_refused_before_ray_starts():
+    from pyllm.errors import ConfigError
+    from pyllm.server.replicas import PrefixAffinityRouter, build, build_app
+
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+    with pytest.raises(ConfigError, match="imbalance_threshold=-1"):
+        router.initialize_state(imbalance_threshold=-1)
+    with pytest.raises(TypeError):   # an option the router does not know is refused, not ignored
+        router.initialize_state(imbalance_treshold=2)
+    for kwargs, message in (({"num_replicas": 0}, "replicas=0"), ({"router": "random"}, "router='random'"),
+                            ({"imbalance_threshold": -2}, "imbalance_threshold=-2"), ({"num_gpus": -1}, "num_gpus=-1")):
+        kwargs = {"num_replicas": 2, **kwargs}
+        with pytest.raises(ConfigError, match=message):
+            build_app(None, None, kwargs.pop("num_replicas"), **kwargs)
+    with pytest.raises(ConfigError, match="unknown argument.*replicas"):
+        build({"replicas": "2"})
+    with pytest.raises(ConfigError, match="num_replicas='two' is not an integer"):
+        build({"num_replicas": "two"})

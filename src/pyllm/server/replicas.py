@@ -34,7 +34,7 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -61,9 +61,11 @@ class PrefixAffinityRouter(RequestRouter):
     prompt, until the replicas' reports (every ``request_routing_stats_period_s``) carry it.
     """
 
-    def initialize_state(self, imbalance_threshold: int = 4, bridge_s: float = 30.0, **_: Any) -> None:
+    def initialize_state(self, imbalance_threshold: int = 4, bridge_s: float = 30.0) -> None:
         if isinstance(imbalance_threshold, bool) or not isinstance(imbalance_threshold, int) or imbalance_threshold < 0:
             raise ConfigError(f"imbalance_threshold={imbalance_threshold!r} is out of range; expected an integer >= 0")
+        if isinstance(bridge_s, bool) or not isinstance(bridge_s, (int, float)) or not 0 <= bridge_s <= 3600:
+            raise ConfigError(f"bridge_s={bridge_s!r} is out of range; expected seconds in [0, 3600]")
         self.imbalance_threshold = imbalance_threshold
         self.bridge_s = float(bridge_s)
         self._sent: dict[ReplicaID, RecentChains] = {}
@@ -299,6 +301,8 @@ def build_app(config: EngineConfig, settings: ServeSettings, num_replicas: int, 
         raise ConfigError(f"replicas={num_replicas!r} is out of range; expected an integer >= 1")
     if router not in ROUTERS:
         raise ConfigError(f"router={router!r} is not known; expected one of {', '.join(ROUTERS)}")
+    if isinstance(imbalance_threshold, bool) or not isinstance(imbalance_threshold, int) or imbalance_threshold < 0:
+        raise ConfigError(f"imbalance_threshold={imbalance_threshold!r} is out of range; expected an integer >= 0")
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{name}={value!r} is out of range; expected a number >= 0")
