@@ -352,6 +352,8 @@ def serve_replicas(config: Optional[EngineConfig], settings: Optional[ServeSetti
     import ray
 
     config, settings = prepare(config, settings)
+    if log.level == logging.NOTSET:   # as pyllm serve: where it listens is shown unless configured otherwise
+        log.setLevel(logging.INFO)
     if len(settings.hosts) != 1:
         raise ConfigError(f"host={settings.host!r}: Ray Serve binds one address; give one with --replicas")
     options = dict(num_cpus=num_cpus, imbalance_threshold=imbalance_threshold, router=router)
@@ -359,7 +361,9 @@ def serve_replicas(config: Optional[EngineConfig], settings: Optional[ServeSetti
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_replicas * num_cpus + 0.999)),
+        # address="local": always a new Ray instance on this machine, even where RAY_ADDRESS names a cluster
+        # (serve run is the way onto a cluster).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(num_replicas * num_cpus + 0.999)),
                  include_dashboard=False, logging_level=logging.WARNING)
         try:
             gpus = ray.cluster_resources().get("GPU", 0)

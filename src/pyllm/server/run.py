@@ -201,11 +201,15 @@ def app_options(settings: ServeSettings) -> dict:
 def prepare(config: Optional[EngineConfig] = None,
             settings: Optional[ServeSettings] = None) -> tuple[EngineConfig, ServeSettings]:
     """The engine config and settings a server runs with: from the environment where not given; the
-    host-memory prompt cache on by default (llama-server's --cache-ram)."""
+    host-memory prompt cache on by default (llama-server's --cache-ram); a warning when a non-loopback
+    address is served without an API key."""
     config = config if config is not None else EngineConfig.from_env()
     if config.cache_ram_mib is None:  # the server keeps prompts in host memory by default, as llama-server
         config = config.replace(cache_ram_mib=default_cache_ram_mib())
     settings = settings if settings is not None else ServeSettings.from_env()
+    if not settings.is_loopback and settings.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(set PYLLM_API_KEY)", settings.host)
     return config, settings
 
 
@@ -221,9 +225,6 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
     config, settings = prepare(config, settings)
     if log.level == logging.NOTSET:   # what was loaded and one line per request: shown unless configured otherwise
         log.setLevel(logging.INFO)
-    if not settings.is_loopback and settings.api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                    "(set PYLLM_API_KEY)", settings.host)
     failed: list[BaseException] = []
     holder: dict = {}
 
