@@ -59,6 +59,9 @@ class PrefixAffinityRouter(RequestRouter):
     more requests than the least-loaded replica the best-matching one may have and still be chosen;
     ``bridge_s`` (seconds, default 30): how long the router trusts its own record of where it sent a
     prompt, until the replicas' reports (every ``request_routing_stats_period_s``) carry it.
+
+    Each choice probes every candidate's queue length (Ray's ``_probe_queue_lens``, one small RPC per
+    replica), so the load it compares is current, not the last report's.
     """
 
     def initialize_state(self, imbalance_threshold: int = 4, bridge_s: float = 30.0) -> None:
@@ -71,7 +74,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._sent: dict[ReplicaID, RecentChains] = {}
 
     def _state(self) -> None:
-        if not hasattr(self, "imbalance_threshold"):   # initialize_state is only called with router kwargs
+        if not hasattr(self, "imbalance_threshold"):   # Ray calls initialize_state first; a router built otherwise
             self.initialize_state()
 
     @staticmethod
@@ -149,16 +152,19 @@ class PyllmReplica:
         self._held = RecentChains(1024)
         try:
             self._id = serve.get_replica_context().replica_id.unique_id.encode()
-        except Exception:   # outside a replica (a direct test of the class)
+        except Exception:   # not running as a Ray Serve replica: the header names no replica id
             self._id = b"local"
 
     async def handle_http(self, request: dict):
         """Run one HTTP request (``method``, ``path``, ``query_string``, ``headers``, ``body``, ``client``,
         ``prefix``) through the app; yields its ASGI response messages."""
         self._held.add(request.get("prefix") or ())
+        # spec_version 2.3: Starlette's StreamingResponse then listens for http.disconnect (as under uvicorn)
+        # and cancels the stream; from 2.4 on it would wait for a failed send, which never comes here.
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "method": request["method"], "scheme": "http", "path": request["path"],
-                 "raw_path": request["path"].encode(), "query_string": request.get("query_string", b""),
+                 "raw_path": request.get("raw_path") or request["path"].encode(),
+                 "query_string": request.get("query_string", b""),
                  "root_path": "", "headers": request["headers"], "client": request.get("client"),
                  "server": None, "state": {}}
         body = request.get("body", b"")
@@ -207,7 +213,9 @@ class PyllmReplica:
             raise RuntimeError("the engine is closed")
 
     async def __del__(self) -> None:
-        await self._lifespan.aclose()   # the app's lifespan closes the engine
+        lifespan = getattr(self, "_lifespan", None)   # absent when __init__ failed (it closed the engine)
+        if lifespan is not None:
+            await lifespan.aclose()   # the app's lifespan closes the engine
 
 
 class _Forward:
@@ -241,7 +249,8 @@ class _Forward:
                 break
         body = b"".join(chunks)
         path = scope["path"]
-        request = {"method": scope["method"], "path": path, "query_string": scope.get("query_string", b""),
+        request = {"method": scope["method"], "path": path, "raw_path": scope.get("raw_path"),
+                   "query_string": scope.get("query_string", b""),
                    "headers": list(scope.get("headers", ())), "body": body, "client": scope.get("client"),
                    "prefix": prefix_chain(path, body) if scope["method"] == "POST" else []}
         gen = self._replicas.options(stream=True).handle_http.remote(request)
