@@ -1,6 +1,6 @@
 """``pyllm serve --replicas 2`` on a real local Ray (2 CPUs): two replicas of a small synthetic model
 answer concurrent streams, a conversation's turns stay on one replica (prefix affinity), replicas
-answer as ``pyllm serve`` does (auth, errors, metrics, cancellation on disconnect), a killed replica's
+answer as ``pyllm serve`` does (auth, errors, metrics, 503 when full, cancellation on disconnect), a killed replica's
 stream ends with an error event while the other streams on and Ray replaces it, and SIGINT leaves no
 Ray process behind.
 
@@ -28,6 +28,7 @@ CLI = [sys.executable, "-c", "import sys; from pyllm.cli import main; sys.exit(m
 TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 KEY = "test-key-replicas"
+N_PARALLEL, MAX_QUEUE = 2, 2   # a replica admits 4 requests; a 5th gets 503
 SYSTEM = "You are a careful assistant. " * 20   # a long shared head, as agents send
 
 
@@ -56,8 +57,8 @@ class Replicas:
                    RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
         self.log = open(tmp / "serve.log", "w+")
         self.proc = subprocess.Popen(
-            CLI + ["serve", "--replicas", "2", "-m", str(model), "-c", "4096", "-np", "2", "-t", "1",
-                   "--port", str(self.port), "--cache-ram", "0"],
+            CLI + ["serve", "--replicas", "2", "-m", str(model), "-c", "4096", "-np", str(N_PARALLEL), "-t", "1",
+                   "--port", str(self.port), "--cache-ram", "0", "--max-queue", str(MAX_QUEUE)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
         self.stopped = False
 
@@ -142,8 +143,8 @@ def test_concurrent_streams_are_answered_by_both_replicas(replicas):
         assert [c["choices"][0]["finish_reason"] for c in events if c["choices"]][-1] == "length"
         return r.headers["x-pyllm-replica"], events[-1]["usage"]
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(stream, range(6)))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:   # fits one replica: no 503 however they are routed
+        results = list(pool.map(stream, range(4)))
     for _replica, usage in results:
         assert usage["completion_tokens"] == 16, usage
     # New conversations have no cached prefix: they go to the least-loaded replica, ties at random.
@@ -185,6 +186,29 @@ def test_replicas_answer_as_pyllm_serve_does(replicas):
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "chat.gguf"
     r = httpx.get(replicas.url + "/metrics", headers=_headers(), timeout=30)
     assert r.status_code == 200 and "llamacpp:requests_processing" in r.text
+
+
+def test_a_full_replica_answers_503_with_retry_after_and_the_others_complete(replicas):
+    n = 3 * (N_PARALLEL + MAX_QUEUE)   # the two replicas admit 2 * (n_parallel + max_queue) at most
+
+    def request(i: int) -> httpx.Response:
+        body = {"messages": [{"role": "user", "content": f"flood {i} {uuid.uuid4().hex}"}], "max_tokens": 1000,
+                "temperature": 0, "ignore_eos": True}
+        return httpx.post(replicas.url + "/v1/chat/completions", json=body, headers=_headers(), timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(request, range(n)))
+    full = [r for r in answers if r.status_code == 503]
+    done = [r for r in answers if r.status_code == 200]
+    assert len(full) + len(done) == n, [(r.status_code, r.text[:200]) for r in answers]
+    assert len(full) >= n - 2 * (N_PARALLEL + MAX_QUEUE), f"{len(full)} of {n} requests were refused"
+    assert done, "every request was refused"
+    for r in full:
+        error = r.json()["error"]   # the engine's own refusal, as pyllm serve answers it
+        assert r.headers.get("retry-after") and error["code"] == "queue_full", r.text
+        assert f"max_queue {MAX_QUEUE}" in error["message"], r.text
+    for r in done:
+        assert r.json()["usage"]["completion_tokens"] == 1000
 
 
 def _cancelled(text: str) -> float:
