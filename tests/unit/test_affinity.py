@@ -170,3 +170,35 @@ def test_bad_router_and_deployment_settings_are_refused_before_ray_starts():
         build({"replicas": "2"})
     with pytest.raises(ConfigError, match="num_replicas='two' is not an integer"):
         build({"num_replicas": "two"})
+
+
+def test_a_replica_reports_at_most_what_its_engine_can_hold():
+    from pyllm.server.replicas import PyllmReplica
+
+    class Engine:
+        def __init__(self):
+            self.numbers = {"n_parallel": 2, "n_ctx": 1000, "kv_cells_used": 300, "active": 0, "queued": 0}
+
+        def stats(self):
+            return dict(self.numbers)
+
+    class Bare(PyllmReplica):   # its engine replaced: only the report is tested, nothing to shut down
+        def __del__(self):
+            pass
+
+    replica = Bare.__new__(Bare)
+    replica._engine, replica._held = Engine(), RecentChains(1024)
+    chains = [prefix_chain("/v1/chat/completions", chat({"role": "user", "content": f"q{i}"})) for i in range(5)]
+    for chain in chains:
+        replica._held.add(chain)
+    report = replica.record_routing_stats()
+    # n_parallel slots, no host tier: the 2 newest prompts.
+    assert set(report["prefix_hashes"]) == {chains[3][0][0], chains[4][0][0]}
+    assert report["kv_cells_free"] == 700 and report["active"] == 0 and report["queued"] == 0
+    for chain in chains:
+        replica._held.add(chain)
+    replica._engine.numbers["prompt_cache_entries"] = 2   # the host tier holds 2 more
+    assert len(replica.record_routing_stats()["prefix_hashes"]) == 4
+    # An engine with no cells in use and no host entries holds no prompt: nothing is reported.
+    replica._engine.numbers.update(kv_cells_used=0, prompt_cache_entries=0)
+    assert replica.record_routing_stats()["prefix_hashes"] == []

@@ -25,7 +25,8 @@ holds, to the least-loaded (fewest ongoing requests, then most free KV cells, ti
 
 Started by ``pyllm serve --replicas N`` (Ray on this machine), or against a running cluster with
 ``serve run pyllm.server.replicas:build num_replicas=2`` (settings from the environment / ``.env`` of the
-process that runs ``serve run``; the model file must exist at the same path on every node).
+process that runs ``serve run``) or a Ray Serve config file with that ``import_path`` (settings in its
+``runtime_env``); the model file must exist at the same path on every node.
 """
 from __future__ import annotations
 
@@ -201,9 +202,13 @@ class PyllmReplica:
 
     def record_routing_stats(self) -> dict:
         """What PrefixAffinityRouter reads: ``prefix_hashes`` (the chains this replica holds, see the module
-        docstring), ``queued``/``active`` requests and ``kv_cells_free`` (cells holding nothing)."""
+        docstring; none while its engine holds no cells and no host-cache entry), ``queued``/``active``
+        requests and ``kv_cells_free`` (cells holding nothing)."""
         stats = self._engine.stats()
-        self._held.trim(int(stats.get("n_parallel", 1)) + int(stats.get("prompt_cache_entries", 0)))
+        entries = int(stats.get("prompt_cache_entries", 0))
+        if not stats.get("kv_cells_used") and not entries and not stats.get("active") and not stats.get("queued"):
+            self._held.trim(0)   # the engine holds no prompt at all (say, after POST /slots/N?action=erase)
+        self._held.trim(int(stats.get("n_parallel", 1)) + entries)
         return {"prefix_hashes": self._held.hashes(), "queued": stats.get("queued", 0),
                 "active": stats.get("active", 0),
                 "kv_cells_free": int(stats["n_ctx"]) - int(stats.get("kv_cells_used", 0))}
