@@ -24,8 +24,8 @@ requests more than the least-loaded one (Ray's queue-length probe); then, and fo
 holds, to the least-loaded (fewest ongoing requests, then most free KV cells, ties at random).
 
 Started by ``pyllm serve --replicas N`` (Ray on this machine), or against a running cluster with
-``serve run pyllm.server.replicas:build num_replicas=2`` (settings from the environment / ``.env`` of the
-process that runs ``serve run``) or a Ray Serve config file with that ``import_path`` (settings in its
+``serve run pyllm.server.replicas:build num_replicas=2`` (settings from the environment, and the
+``PYLLM_ENV_FILE`` .env file, of the process that runs ``serve run``) or a Ray Serve config file with that ``import_path`` (settings in its
 ``runtime_env``); the model file must exist at the same path on every node.
 """
 from __future__ import annotations
@@ -338,7 +338,8 @@ def build_app(config: EngineConfig, settings: ServeSettings, num_replicas: int, 
 def build(args: dict):
     """``serve run pyllm.server.replicas:build num_replicas=2 [num_gpus=1 num_cpus=1 imbalance_threshold=4
     router=prefix-affinity|power-of-two]``
-    against a running Ray cluster; engine and server settings from the environment and ``.env``."""
+    against a running Ray cluster; engine and server settings from the environment (and
+    ``PYLLM_ENV_FILE``), as ``pyllm serve``'s."""
     known = {"num_replicas": int, "num_cpus": float, "num_gpus": float, "imbalance_threshold": int, "router": str}
     unknown = sorted(set(args) - set(known))
     if unknown:
