@@ -509,7 +509,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       jinja=args.jinja, reasoning_format=args.reasoning_format,
                                       reasoning=args.reasoning, verbose_responses=args.verbose_responses or None,
                                       any_model=args.any_model or None)
+    if args.replicas is not None:
+        try:
+            from pyllm.server.replicas import serve_replicas
+        except ImportError as exc:
+            raise PyllmError(f"pyllm serve --replicas needs the ray extra ({exc.name} is missing): "
+                             "pip install 'pyllm[ray]'") from None
+        return serve_replicas(config, settings, args.replicas, num_cpus=args.replica_cpus,
+                              imbalance_threshold=args.imbalance_threshold, router=args.replica_router)
     return serve(config, settings)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a number of replicas >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; expected a number of replicas >= 1")
+    return value
 
 
 def _comma_list(values: Optional[Sequence[str]]) -> list[str]:
@@ -538,6 +556,17 @@ def _add_serve_parser(sub) -> None:
                                                "(env PYLLM_SHUTDOWN_GRACE; default 30)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (env PYLLM_MAX_BODY_BYTES; default 8 MiB)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (env PYLLM_MAX_QUEUE; default 64)")
+    p.add_argument("--replicas", type=_positive_int, metavar="N",
+                   help="N engines on Ray Serve behind one address, prefix-affinity routing (needs pip install "
+                        "'pyllm[ray]'; starts Ray on this machine; see README 'More than one box')")
+    p.add_argument("--replica-cpus", type=float, default=1.0, metavar="CPUS",
+                   help="Ray CPUs reserved per replica with --replicas (default 1; set -t to match)")
+    p.add_argument("--imbalance-threshold", type=int, default=4, metavar="REQUESTS",
+                   help="with --replicas: the replica holding a prompt's longest prefix gets it unless it has more "
+                        "than this many ongoing requests above the least-loaded one (default 4)")
+    p.add_argument("--replica-router", choices=("prefix-affinity", "power-of-two"), default="prefix-affinity",
+                   help="with --replicas: pyllm's prefix-affinity router (default) or Ray Serve's default "
+                        "power-of-two-choices router (the baseline of benchmarks/replicas.py)")
     p.add_argument("-n", "--n-predict", "--predict", type=int,
                    help="max_tokens of requests that give none (env PYLLM_DEFAULT_MAX_TOKENS; default n_ctx / "
                         "n_parallel - prompt)")

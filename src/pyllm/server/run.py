@@ -183,6 +183,36 @@ def _uvicorn_server_class():
     return Server
 
 
+def app_options(settings: ServeSettings) -> dict:
+    """create_app's keyword arguments from the server settings (all but the engine and its lifetime):
+    ``pyllm serve`` and each Ray Serve replica (pyllm.server.replicas) build the same app from them."""
+    return dict(
+        api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
+        max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens,
+        special_in_messages=settings.special_in_messages,
+        default_sampling={"temperature": settings.default_temperature} if settings.default_temperature is not None
+        else None,
+        metrics_endpoint=settings.metrics, slots_endpoint=settings.slots, cors_origins=settings.cors_origins,
+        tags=settings.tags, jinja=settings.jinja, reasoning_format=settings.reasoning_format,
+        reasoning=settings.reasoning, verbose_responses=settings.verbose_responses, any_model=settings.any_model,
+    )
+
+
+def prepare(config: Optional[EngineConfig] = None,
+            settings: Optional[ServeSettings] = None) -> tuple[EngineConfig, ServeSettings]:
+    """The engine config and settings a server runs with: from the environment where not given; the
+    host-memory prompt cache on by default (llama-server's --cache-ram); a warning when a non-loopback
+    address is served without an API key."""
+    config = config if config is not None else EngineConfig.from_env()
+    if config.cache_ram_mib is None:  # the server keeps prompts in host memory by default, as llama-server
+        config = config.replace(cache_ram_mib=default_cache_ram_mib())
+    settings = settings if settings is not None else ServeSettings.from_env()
+    if not settings.is_loopback and settings.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(set PYLLM_API_KEY)", settings.host)
+    return config, settings
+
+
 def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSettings] = None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status (0 after a graceful stop).
 
@@ -192,15 +222,9 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
     """
     from pyllm.batched import BatchedEngine
 
-    config = config if config is not None else EngineConfig.from_env()
-    if config.cache_ram_mib is None:  # the server keeps prompts in host memory by default, as llama-server
-        config = config.replace(cache_ram_mib=default_cache_ram_mib())
-    settings = settings if settings is not None else ServeSettings.from_env()
+    config, settings = prepare(config, settings)
     if log.level == logging.NOTSET:   # what was loaded and one line per request: shown unless configured otherwise
         log.setLevel(logging.INFO)
-    if not settings.is_loopback and settings.api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                    "(set PYLLM_API_KEY)", settings.host)
     failed: list[BaseException] = []
     holder: dict = {}
 
@@ -209,17 +233,8 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
         if "server" in holder:
             holder["server"].should_exit = True
 
-    app = create_app(
-        loader=lambda: BatchedEngine(config, max_queue=settings.max_queue),
-        api_key=settings.api_key, model_name=settings.model_name, aliases=settings.aliases,
-        max_body_bytes=settings.max_body_bytes, default_max_tokens=settings.default_max_tokens, close_engine=True, on_load_error=load_failed,
-        special_in_messages=settings.special_in_messages,
-        default_sampling={"temperature": settings.default_temperature} if settings.default_temperature is not None
-        else None,
-        metrics_endpoint=settings.metrics, slots_endpoint=settings.slots, cors_origins=settings.cors_origins,
-        tags=settings.tags, jinja=settings.jinja, reasoning_format=settings.reasoning_format,
-        reasoning=settings.reasoning, verbose_responses=settings.verbose_responses, any_model=settings.any_model,
-    )
+    app = create_app(loader=lambda: BatchedEngine(config, max_queue=settings.max_queue), close_engine=True,
+                     on_load_error=load_failed, **app_options(settings))
     import uvicorn
 
     ucfg = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
