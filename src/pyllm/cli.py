@@ -496,7 +496,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     env = _environment(args)
     config = _engine_config(args, env)
-    names = _comma_list(args.alias)
+    # llama-server keeps its aliases in a sorted set and serves as the first of them: the same id here
+    names = sorted(dict.fromkeys(_comma_list(args.alias) or ()))
     settings = ServeSettings.from_env(env, host=args.host, port=args.port, api_key=args.api_key,
                                       model_name=names[0] if names else None,
                                       aliases=tuple(names[1:]) if names else None, grace_s=args.grace,
@@ -549,8 +550,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' or 'X-Api-Key: KEY' (env PYLLM_API_KEY, "
                                      "preferred: flags are visible to other users in ps)")
     p.add_argument("-a", "--alias", action="append",
-                   help="model id to serve as (repeatable or comma-separated, as llama-server's; the first is the id "
-                        "/v1/models reports; default: the file name)")
+                   help="model id to serve as (repeatable or comma-separated, as llama-server's; as llama-server, the "
+                        "alphabetically first is the id /v1/models reports; default: the file name)")
     p.add_argument("--tags", action="append", help="model tags /v1/models lists (comma-separated, informational)")
     p.add_argument("--grace", type=float, help="seconds running requests may finish after SIGTERM "
                                                "(env PYLLM_SHUTDOWN_GRACE; default 30)")

@@ -67,6 +67,7 @@ class StepTrace:
         self.decode_ns = 0
         self.gen_tokens = 0
         self.prompt_tokens = 0
+        self.seqs = 0
         self._seconds = _Histogram(STEP_SECONDS_BUCKETS)
         self._tokens = _Histogram(STEP_TOKENS_BUCKETS)
 
@@ -78,6 +79,7 @@ class StepTrace:
             self.decode_ns += rec.decode_ns
             self.gen_tokens += rec.n_gen
             self.prompt_tokens += rec.n_prompt
+            self.seqs += rec.n_seqs
             self._seconds.observe(rec.wall_ns / 1e9)
             self._tokens.observe(rec.n_gen + rec.n_prompt)
 
@@ -88,12 +90,14 @@ class StepTrace:
         return items[-n:] if n else items
 
     def totals(self) -> dict:
-        """Running sums: steps, seconds (wall, in llama_decode, in Python), tokens."""
+        """Running sums: steps, seconds (wall, in llama_decode, in Python), tokens, sequences (summed over
+        the steps: over ``steps`` it is the mean number of sequences per llama_decode)."""
         with self._lock:
             return {"steps": self.steps, "step_seconds_total": self.wall_ns / 1e9,
                     "decode_seconds_total": self.decode_ns / 1e9,
                     "python_seconds_total": (self.wall_ns - self.decode_ns) / 1e9,
-                    "step_gen_tokens_total": self.gen_tokens, "step_prompt_tokens_total": self.prompt_tokens}
+                    "step_gen_tokens_total": self.gen_tokens, "step_prompt_tokens_total": self.prompt_tokens,
+                    "step_sequences_total": self.seqs}
 
     def histograms(self) -> dict:
         """``{"step_seconds": (buckets, sum, count), "step_tokens": ...}`` with cumulative buckets."""

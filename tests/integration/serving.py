@@ -15,12 +15,14 @@ def free_port() -> int:
 
 
 class Running:
-    """An app served by uvicorn on a random port, in a thread; ``url``, ``stop()``."""
+    """An app served by uvicorn on a random port, in a thread, with the HTTP implementation ``pyllm serve``
+    uses (h11); ``url``, ``stop()``."""
 
     def __init__(self, app) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http="h11"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -255,6 +255,10 @@ def test_llamacpp_metrics_match_the_timings(engine):
         assert values["llamacpp:prompt_tokens_cached_total"] == cache_n > 0
         assert values["llamacpp:n_decode_total"] > 0 and values["llamacpp:requests_processing"] == 0
         assert types["llamacpp:n_tokens_max"] == "counter" and types["llamacpp:requests_deferred"] == "gauge"
+        # the mean number of sequences per engine step, from the step trace
+        assert types["llamacpp:n_busy_slots_per_decode"] == "gauge"
+        assert values["llamacpp:n_busy_slots_per_decode"] == engine.stats()["step_sequences_total"] / engine.stats()["steps"]
+        assert values["llamacpp:n_busy_slots_per_decode"] >= 1.0
         assert "pyllm_http_requests_total" in r.text   # pyllm's own beside llama-server's
     finally:
         running.stop()
@@ -440,3 +444,26 @@ def test_timings_per_token_in_a_chat_stream(http):
     usage = events[-1]
     assert usage["choices"] == [] and usage["timings"]["predicted_n"] == usage["usage"]["completion_tokens"]
     assert usage["timings"]["prompt_n"] + usage["timings"]["cache_n"] == usage["usage"]["prompt_tokens"]
+
+
+def test_response_header_names_have_llama_servers_case(engine):
+    """Header names go out as llama-server writes them (Access-Control-Allow-Origin, Process-Start-Time-Unix):
+    clients that copy the headers into a plain dict (llama-server's test utilities) look them up so."""
+    import http.client
+
+    server = _app(engine, cors_origins="localhost")
+    try:
+        host, port = server.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("OPTIONS", "/completions", headers={"Origin": "http://localhost:8080",
+                                                         "Access-Control-Request-Method": "POST"})
+        names = [k for k, _ in conn.getresponse().getheaders()]
+        assert "Access-Control-Allow-Origin" in names and "Access-Control-Allow-Credentials" in names, names
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        resp.read()
+        names = [k for k, _ in resp.getheaders()]
+        assert "Process-Start-Time-Unix" in names and "Content-Type" in names, names
+    finally:
+        server.stop()

@@ -101,6 +101,7 @@ class Guard:
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [(_header_case(k), v) for k, v in message.get("headers", ())]}
             await send(message)
 
         try:
@@ -161,6 +162,14 @@ class Guard:
             await self.app(scope, receive, counting_send)
         finally:
             self.metrics.requests.labels(endpoint, str(status.get("code", 499))).inc()
+
+
+def _header_case(name: bytes) -> bytes:
+    """A response header name in the canonical case llama-server sends (``Access-Control-Allow-Origin``,
+    ``Content-Type``): HTTP names are case-insensitive, but clients that copy headers into a plain dict
+    (llama-server's own test utilities do) look them up by that case. Starlette writes them in lower case,
+    and uvicorn sends names as given."""
+    return b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
 
 
 def _too_large(n: int, limit: int) -> APIError:

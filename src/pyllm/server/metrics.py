@@ -131,8 +131,8 @@ class LlamaCppMetrics:
     engine's llama_decode steps), n_tokens_max (the longest sequence, prompt + generation), and the
     speculative-decoding counters, which stay 0 (pyllm does not decode speculatively); gauges:
     prompt_tokens_seconds and predicted_tokens_seconds (throughput of the requests finished since the
-    previous scrape, as llama-server's buckets), requests_processing, requests_deferred. llama-server's
-    n_busy_slots_per_decode is not reported: the engine does not count busy slots per step.
+    previous scrape, as llama-server's buckets), requests_processing, requests_deferred,
+    n_busy_slots_per_decode (sequences per engine step, from the step trace, since start).
     """
 
     def __init__(self) -> None:
@@ -177,6 +177,8 @@ class LlamaCppMetrics:
              b["predicted_n"] / b["predicted_s"] if b["predicted_s"] > 0 else 0.0),
             ("requests_processing", "Number of requests processing", stats.get("active", 0)),
             ("requests_deferred", "Number of requests deferred", stats.get("queued", 0)),
+            ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
+             stats.get("step_sequences_total", 0) / max(stats.get("steps", 0), 1)),
         ]
         lines = []
         for kind, items in (("counter", counters), ("gauge", gauges)):

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from typing import Optional
 
 from ray import serve

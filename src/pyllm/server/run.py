@@ -239,7 +239,10 @@ def serve(config: Optional[EngineConfig] = None, settings: Optional[ServeSetting
 
     ucfg = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                           timeout_graceful_shutdown=settings.grace_s, log_level=settings.log_level,
-                          access_log=False, server_header=False)   # pyllm.server.access logs each request
+                          access_log=False, server_header=False,   # pyllm.server.access logs each request
+                          # h11 sends header names in the case the app gives them (llama-server's
+                          # Access-Control-Allow-Origin ...; see http._header_case); httptools lowercases them
+                          http="h11")
     server = holder["server"] = _uvicorn_server_class()(ucfg)
     server.run(sockets=settings.bind())
     if failed:

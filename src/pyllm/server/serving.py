@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import threading
 import time
@@ -440,6 +441,12 @@ class Serving:
             kwargs["reasoning_effort"] = body.reasoning_effort
         # As llama-server: enable_thinking is always passed (true unless the client or --reasoning off turns it off).
         kwargs.setdefault("enable_thinking", self.reasoning != "off")
+        # As llama-server (llama.cpp's common_chat_extra_context): today's date for templates that print it
+        # (Llama 3.x's "Today Date: ", FireFunction's "Today is "), where Hugging Face's rendering would
+        # fall back to the template's own default date.
+        now = datetime.datetime.now()
+        kwargs.setdefault("date_string", now.strftime("%d %b %Y"))
+        kwargs.setdefault("datetime", now.strftime("%b %d %Y"))
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "seconds", "max_chars"})
         if reserved:  # the render's own arguments (its time and size limits included) are not the client's
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
