@@ -364,9 +364,13 @@ class EngineCore:
         for r in plan.gen:
             r._slot.cached.append(r._pending)
             r._pos += 1
+        t_prefill = time.perf_counter_ns()
         for r, n in plan.prefill:
             r._slot.cached.extend(r.prompt_tokens[r._pos: r._pos + n])
             r._pos += n
+            r._t_prefill = t_prefill
+            if r.report_progress and r._pos < r.n_prompt:
+                r._publish()   # wakes prompt_progress(); the last chunk's wake-up is its first token
         for lead, idx in leads:
             rows.extend((c, idx) for c in self._start_choices(lead))
         n_gen = 0

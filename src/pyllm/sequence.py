@@ -35,14 +35,17 @@ _ids = itertools.count(1)
 @dataclass(frozen=True)
 class Progress:
     """A running request's counts and times so far, in :class:`GenerationResult`'s names and units:
-    ``tokens`` (ids generated), ``prompt_ns`` (admission to the first sampled token), ``gen_ns`` (first to
-    last sampled token), ``n_prompt_decoded``, ``n_prompt_cached``."""
+    ``tokens`` (ids generated), ``prompt_ns`` (admission to the first sampled token; before it, to the end
+    of the last prompt chunk decoded, 0 while none is), ``gen_ns`` (first to last sampled token),
+    ``n_prompt_decoded``, ``n_prompt_cached``, ``n_prompt``, ``n_prompt_processed``."""
 
     tokens: list
     prompt_ns: int
     gen_ns: int
     n_prompt_decoded: int
     n_prompt_cached: int
+    n_prompt: int = 0             # the prompt's tokens
+    n_prompt_processed: int = 0   # of them, in the KV cache now (cached ones included)
 
 
 class StopReason(str, enum.Enum):
@@ -153,6 +156,9 @@ class Request:
         self.preserved_tokens: frozenset[int] = frozenset()
         self.token_ids: list[int] = []           # generated ids so far (appended by the engine thread)
         self.token_ns: list[int] = []            # perf_counter_ns when each token was sampled
+        # Wake the request's waiters after every engine step that decodes a part of its prompt, so
+        # prompt_progress() can report each one (llama-server's return_progress); off: no extra wake-ups.
+        self.report_progress = False
         self.n_logprobs = logprobs                # None: none; k: each token's logprob and its top k alternatives
         self.logprobs: list[TokenLogprob] = []   # one per token_ids entry when n_logprobs is not None
         self.seq_id: Optional[int] = None        # llama.cpp sequence (slot) once admitted
@@ -177,6 +183,7 @@ class Request:
         self._text: Optional[TextStream] = None
         self._t_admit = 0
         self._t_first = 0
+        self._t_prefill = 0                      # perf_counter_ns at the end of the last prompt chunk's decode
         self._n_cached = 0
         # Several choices of one prompt (BatchedEngine.submit_n): every choice's list, in choice order
         # (None for a lone request). The lead decodes the prompt; the others wait, admitted, until its
@@ -198,16 +205,42 @@ class Request:
 
     def progress(self) -> "Progress":
         """The request so far (see :class:`Progress`): what :meth:`finish` reports, measured up to the last
-        sampled token. Safe to read from any thread (llama-server's ``timings_per_token``)."""
-        t_admit, t_first = self._t_admit, self._t_first
+        sampled token (or, before the first, the last prompt chunk). Safe to read from any thread
+        (llama-server's ``timings_per_token`` and ``return_progress``)."""
+        t_admit, t_first, t_prefill = self._t_admit, self._t_first, self._t_prefill
         stamps = list(self.token_ns)
         last = stamps[-1] if stamps else t_first
+        end = t_first or t_prefill
+        processed = min(self._pos, self.n_prompt) if t_admit else 0
         return Progress(
             tokens=list(self.token_ids[:len(stamps)]),
-            prompt_ns=(t_first - t_admit) if t_admit and t_first else 0,
+            prompt_ns=(end - t_admit) if t_admit and end else 0,
             gen_ns=(last - t_first) if t_first and last else 0,
-            n_prompt_decoded=max(0, min(self._pos, self.n_prompt) - self._n_cached) if t_admit else 0,
-            n_prompt_cached=self._n_cached)
+            n_prompt_decoded=max(0, processed - self._n_cached) if t_admit else 0,
+            n_prompt_cached=self._n_cached, n_prompt=self.n_prompt, n_prompt_processed=processed)
+
+    async def prompt_progress(self) -> AsyncIterator["Progress"]:
+        """Snapshots of the prompt's processing, from asyncio: one at once (nothing decoded yet, or what a
+        cache gave), then one after each engine step that decoded a part of the prompt, until the first
+        token is sampled or the request ends. Set ``report_progress`` before submitting, or only the first
+        and last states are seen."""
+        loop = asyncio.get_running_loop()
+        seen = None
+        while True:
+            fut = None
+            with self._cond:
+                over = bool(self._t_first) or self._done
+                state = (self._pos, self._t_admit, self._t_prefill)
+                if not over and state == seen:
+                    fut = loop.create_future()
+                    self._waiters.append((loop, fut))
+            if fut is not None:
+                await fut
+                continue
+            if over:
+                return
+            seen = state
+            yield self.progress()
 
     @property
     def n_prompt_cached(self) -> int:

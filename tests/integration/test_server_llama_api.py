@@ -376,7 +376,7 @@ def test_responses_api_through_the_chat_path(server, http):
                         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
                         ({"input": [{"type": "function_call", "name": "f"}]}, "input"), ({}, "input"),
-                        ({"input": "x", "return_progress": True}, "return_progress")):
+                        ({"input": "x", "top_logprobs": 2}, "top_logprobs")):
         r = http.post("/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
@@ -467,3 +467,75 @@ def test_response_header_names_have_llama_servers_case(engine):
         assert "Process-Start-Time-Unix" in names and "Content-Type" in names, names
     finally:
         server.stop()
+
+
+def test_a_reasoning_budget_is_met_where_the_template_does_not_reason(engine, http):
+    """reasoning_budget_tokens / Anthropic's thinking.budget_tokens: a template without reasoning produces
+    none, so any budget holds and the request is served; a template that reasons gets a 400 naming the
+    field (a budget is not implemented), in each API's shape."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, "reasoning_budget_tokens": 8})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/messages", json={"model": engine.model.path.name, "max_tokens": 2, "messages": msgs,
+                                        "thinking": {"type": "enabled", "budget_tokens": 50}})
+    assert r.status_code == 200 and r.json()["type"] == "message", r.text
+    r = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, "reasoning_budget_tokens": -2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_budget_tokens"
+    running = _app(engine, any_model=True, chat_template=THINK_TEMPLATE)
+    try:
+        r = httpx.post(running.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": msgs, "max_tokens": 2, "reasoning_budget_tokens": 8})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_budget_tokens", r.text
+        r = httpx.post(running.url + "/v1/messages", timeout=60,
+                       json={"model": "x", "max_tokens": 2, "messages": msgs,
+                             "thinking": {"type": "enabled", "budget_tokens": 50}})
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        assert "thinking.budget_tokens" in r.json()["error"]["message"]
+        # no budget: served
+        r = httpx.post(running.url + "/v1/chat/completions", timeout=60, json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        running.stop()
+
+
+def test_return_progress_reports_each_prompt_chunk(default_model_path):
+    """llama-server's return_progress (with timings_per_token): on /completion and /v1/responses streams, a
+    prompt_progress event before any prompt token is decoded (processed 0, prompt_ms 0), then one per engine
+    step that decoded a part of the prompt (n_batch 32 here: several), never going backwards; then the
+    tokens, each chunk with its timings so far."""
+    config = EngineConfig(model_path=str(default_model_path), n_ctx=1024, n_parallel=1, n_batch=32, n_ubatch=32)
+    with BatchedEngine(config) as eng:
+        running = _app(eng)
+        try:
+            prompt = "the quick brown fox jumps over the lazy dog " * 8
+            r = httpx.post(running.url + "/completion", timeout=120, json={
+                "prompt": prompt, "n_predict": 4, "stream": True, "timings_per_token": True, "return_progress": True})
+            events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ")]
+            progress = [e for e in events if "prompt_progress" in e]
+            n_prompt = len(eng.model.tokenize(prompt, add_special=True))
+            assert len(progress) >= n_prompt // 32, progress
+            first = progress[0]
+            assert first["prompt_progress"]["processed"] == 0 and first["timings"]["prompt_ms"] == 0.0
+            assert first["timings"]["prompt_n"] == 0 and first["timings"]["predicted_n"] == 0
+            done = [e["prompt_progress"]["processed"] for e in progress]
+            assert done == sorted(done) and len(set(done)) == len(done) and done[-1] < n_prompt
+            assert all(e["prompt_progress"]["total"] == n_prompt for e in progress)
+            ms = [e["timings"]["prompt_ms"] for e in progress]
+            assert ms == sorted(ms) and ms[-1] > 0
+            tokens = [e for e in events if e.get("content")]
+            assert [e["timings"]["predicted_n"] for e in tokens] == list(range(1, len(tokens) + 1))
+            assert events[-1]["stop"] is True and events[-1]["timings"]["prompt_n"] == n_prompt
+            # the same through the Responses API: in_progress events carry it
+            r = httpx.post(running.url + "/v1/responses", timeout=120, json={
+                "input": prompt, "max_output_tokens": 4, "stream": True, "timings_per_token": True,
+                "return_progress": True})
+            data = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ")]
+            prog = [d for d in data if "prompt_progress" in d]
+            assert len(prog) >= 2 and all(d["type"] == "response.in_progress" for d in prog)
+            assert all(d["prompt_progress"]["processed"] >= d["prompt_progress"]["cache"] for d in prog)
+            assert any(d["type"] == "response.output_text.delta" and "timings" in d for d in data)
+            assert data[-1]["type"] == "response.completed" and "timings" in data[-1]
+            r = httpx.post(running.url + "/v1/responses", timeout=60, json={"input": "x", "return_progress": "yes"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "return_progress"
+        finally:
+            running.stop()

@@ -29,7 +29,15 @@ PROMPT_STRING_KEY = "prompt_string"     # llama-server's {"prompt_string": ..., 
 MULTIMODAL_KEY = "multimodal_data"
 _STOP_TYPE = {"eog": "eos", "stop": "word", "max_tokens": "limit", "context_full": "limit"}
 # Native-only fields that the OpenAI routes refuse: honoured here.
-NATIVE_FIELDS = frozenset({"n_probs", "return_tokens", "response_fields"})
+NATIVE_FIELDS = frozenset({"n_probs", "return_tokens", "response_fields", "timings_per_token", "return_progress"})
+
+
+def prompt_progress_of(p) -> dict:
+    """llama-server's ``prompt_progress`` (result_prompt_progress): the prompt's tokens (``total``), those a
+    cache gave (``cache``), those in the KV cache now, cached included (``processed``), and the time since
+    admission (``time_ms``). ``p``: a pyllm.sequence.Progress."""
+    return {"total": p.n_prompt, "cache": p.n_prompt_cached, "processed": p.n_prompt_processed,
+            "time_ms": p.prompt_ns / 1e6}
 
 
 def _sse(obj: Any) -> str:
@@ -222,6 +230,7 @@ def register(app: FastAPI, h) -> None:
             for tokens in prompts:
                 max_tokens, capped = h.cap(eng, len(tokens), requested, "prompt")
                 req = h.submit(eng, tokens, max_tokens, sampling, stops, body, n_probs if n_probs else None)
+                req.report_progress = bool(body.stream and getattr(body, "return_progress", False))
                 runs.append((tokens, req, capped))
         except BaseException:
             for _, req, _ in runs:
@@ -246,9 +255,19 @@ def register(app: FastAPI, h) -> None:
         if body.stream:
             tokens, req, capped = runs[0]
 
+            timings_per_token = bool(getattr(body, "timings_per_token", False))
+
             async def events():
                 piece_no = done = 0
                 first = True
+                if getattr(body, "return_progress", False):   # llama-server's: one event per prompt chunk decoded
+                    async for p in req.prompt_progress():
+                        ev = {"index": 0, "content": "", "tokens": [], "stop": False,
+                              "id_slot": req.seq_id if req.seq_id is not None else -1, "tokens_predicted": 0,
+                              "tokens_evaluated": len(tokens), "prompt_progress": prompt_progress_of(p)}
+                        if timings_per_token:
+                            ev["timings"] = timings_of(p)
+                        yield _sse(ev)
                 async for piece in req:
                     if first:
                         h.metrics.ttft.observe(time.perf_counter() - t0)
@@ -260,6 +279,8 @@ def register(app: FastAPI, h) -> None:
                              "tokens_predicted": n, "tokens_evaluated": len(tokens)}
                     if n_probs:
                         chunk["completion_probabilities"] = probabilities(req.logprobs[done:n])
+                    if timings_per_token:   # llama-server's: the request's timings so far on every chunk
+                        chunk["timings"] = timings_of(req.progress())
                     done = n
                     yield _sse(chunk)
                 result = req.result

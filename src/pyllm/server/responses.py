@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from pyllm.server.fields import FieldError
+from pyllm.server.native import prompt_progress_of, timings_of
 from pyllm.server.schemas import ChatCompletionRequest
 
 # Fields of a responses request passed to the chat request as they are.
@@ -32,6 +33,19 @@ _SAME = ("model", "temperature", "top_p", "stream", "stop", "seed", "top_k", "mi
 _IGNORED = ("store", "metadata", "user", "truncation", "include", "parallel_tool_calls", "service_tier",
             "background", "safety_identifier", "prompt_cache_key")
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+# llama-server's streaming telemetry, served by the stream itself (not part of the chat request)
+_TELEMETRY = ("timings_per_token", "return_progress")
+
+
+def telemetry_of(body: dict) -> tuple[bool, bool]:
+    """(timings_per_token, return_progress) of a responses request: booleans (FieldError otherwise)."""
+    out = []
+    for name in _TELEMETRY:
+        value = body.get(name, False)
+        if not isinstance(value, bool):
+            raise FieldError(f"{name}={value!r}; expected true or false", name)
+        out.append(value)
+    return out[0], out[1]
 
 
 def _text_of_parts(parts: Any, where: str) -> str:
@@ -70,7 +84,7 @@ def to_chat(body: Any) -> dict:
     if fmt not in (None, {"type": "text"}) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise FieldError("text.format other than text is not supported (constrained output is not implemented)",
                          "text")
-    known = set(_SAME) | set(_IGNORED) | {"input", "instructions", "max_output_tokens", "reasoning", "text", "tools",
+    known = set(_SAME) | set(_IGNORED) | set(_TELEMETRY) | {"input", "instructions", "max_output_tokens", "reasoning", "text", "tools",
                                           "tool_choice", "previous_response_id", "top_logprobs", "max_tool_calls"}
     unknown = sorted(set(body) - known)
     if unknown:
@@ -143,8 +157,10 @@ def register(app: FastAPI, h) -> None:
         raw = await h.read_json(request)
         # validated as the chat endpoint validates its body (strict: no silent coercion)
         chat = h.validate(ChatCompletionRequest, json.dumps(to_chat(raw)).encode())
+        timings_per_token, return_progress = telemetry_of(raw)
         c = await h.start_chat(chat)
         req, name, reply = c.req, c.name, c.reply()
+        req.report_progress = bool(chat.stream and return_progress)
         rid, mid, rsid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}", int(time.time())
 
         if chat.stream:
@@ -158,6 +174,11 @@ def register(app: FastAPI, h) -> None:
             async def events():
                 yield event("response.created", response=response_obj(rid, created, name, "in_progress", []))
                 yield event("response.in_progress", response=response_obj(rid, created, name, "in_progress", []))
+                if return_progress:   # llama-server's: an in_progress event per prompt chunk decoded
+                    async for p in req.prompt_progress():
+                        extra = {"timings": timings_of(p)} if timings_per_token else {}
+                        yield event("response.in_progress", response=response_obj(rid, created, name, "in_progress", []),
+                                    prompt_progress=prompt_progress_of(p), **extra)
                 reasoning: list[str] = []
                 text: list[str] = []
                 opened = [False]
@@ -184,8 +205,9 @@ def register(app: FastAPI, h) -> None:
                         return []
                     out = [] if opened[0] else open_message()
                     text.append(piece)
+                    extra = {"timings": timings_of(req.progress())} if timings_per_token else {}
                     out.append(event("response.output_text.delta", item_id=mid, output_index=1 if reasoning else 0,
-                                     content_index=0, delta=piece, logprobs=[]))
+                                     content_index=0, delta=piece, logprobs=[], **extra))
                     return out
 
                 async for piece in req:
@@ -213,7 +235,9 @@ def register(app: FastAPI, h) -> None:
                             part={"type": "output_text", "text": full, "annotations": []})
                 yield event("response.output_item.done", output_index=idx, item=message_item(mid, full))
                 output = ([reasoning_item(rsid, "".join(reasoning))] if reasoning else []) + [message_item(mid, full)]
-                yield event("response.completed", response=response_obj(rid, created, name, "completed", output, result))
+                extra = {"timings": timings_of(result)} if timings_per_token else {}
+                yield event("response.completed", response=response_obj(rid, created, name, "completed", output, result),
+                            **extra)
 
             return _EventStream(events(), req, h.metrics.cancelled.inc)
 

@@ -465,6 +465,22 @@ class Serving:
         return messages
 
     @staticmethod
+    def reasoning_budget_of(body) -> Optional[tuple[str, int]]:
+        """llama-server's reasoning budget (``reasoning_budget_tokens``, or ``thinking_budget_tokens`` as the
+        Anthropic API's ``thinking.budget_tokens`` arrives): (field, tokens), or None when unset or -1 (no
+        limit). The budget is met by construction where the chat template does not reason (no reasoning
+        is produced, so none can run over); with a template that reasons it is refused (not implemented)."""
+        for name in ("reasoning_budget_tokens", "thinking_budget_tokens"):
+            value = getattr(body, name, None)
+            if value is None or value == -1:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise APIError(400, f"{name}={value!r}; expected a number of tokens >= 0, or -1 for no limit",
+                               param=name)
+            return name, value
+        return None
+
+    @staticmethod
     def continuation_of(body, messages: list[dict]) -> Union[bool, str, None]:
         """llama-server's rule for continuing the last message (``oaicompat_chat_params_parse``): the request's
         ``continue_final_message`` (true / "content" / "reasoning_content"; false / "none" / absent: no), or,
@@ -616,7 +632,9 @@ class Serving:
         eng = self.engine_or_503()
         name = self.check_model(body.model)
         # ``honoured``: fields of fields.REFUSED that the calling API implements itself
-        refuse_unsupported(body, honoured=frozenset({"continue_final_message", "add_generation_prompt"}) | honoured)
+        refuse_unsupported(body, honoured=frozenset({"continue_final_message", "add_generation_prompt",
+                                                     "reasoning_budget_tokens", "thinking_budget_tokens"}) | honoured)
+        budget = self.reasoning_budget_of(body)
         cons = constraint_of(body, chat=True)
         continuation = self.continuation_of(body, self.messages_of(body))
         sampling, stops, n_logprobs = self.sampling_of(body, eng.model), stops_of(body.stop), chat_logprobs(body)
@@ -640,6 +658,8 @@ class Serving:
                 if len(ids) == 1:
                     preserved.append(ids[0])
 
+            reasons = bool(params.supports_thinking) and fmt != "none"
+
             def reply() -> Reply:
                 return CommonReply(params.make_parser())
         else:
@@ -652,9 +672,15 @@ class Serving:
                 sampling = dataclasses.replace(sampling, grammar=cons.plain_grammar())
             template = self.template
 
+            reasons = fmt != "none" and reasoning_parser_for(prompt, template) is not None
+
             def reply() -> Reply:
                 p = reasoning_parser_for(prompt, template) if fmt != "none" else None
                 return ReasoningReply(p) if p is not None else PlainReply()
+        if budget is not None and reasons:
+            name_ = budget[0]
+            raise APIError(400, f"{name_}={budget[1]} is not supported by this server: a reasoning budget is not "
+                                f"implemented, and the chat template {self.template.source} reasons", param=name_)
         tokens = prompt.tokens
         if not tokens:
             raise APIError(400, "the chat template rendered an empty prompt", param="messages")
