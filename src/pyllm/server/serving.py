@@ -636,7 +636,9 @@ class Serving:
                                                      "reasoning_budget_tokens", "thinking_budget_tokens"}) | honoured)
         budget = self.reasoning_budget_of(body)
         cons = constraint_of(body, chat=True)
-        continuation = self.continuation_of(body, self.messages_of(body))
+        messages = self.messages_of(body)
+        add_generation_prompt = getattr(body, "add_generation_prompt", True)
+        continuation = self.continuation_of(body, messages)
         sampling, stops, n_logprobs = self.sampling_of(body, eng.model), stops_of(body.stop), chat_logprobs(body)
         requested = max_tokens_of(body)
         fmt = getattr(body, "reasoning_format", None) or self.reasoning_format
@@ -645,7 +647,7 @@ class Serving:
         common = self._common_or_400(cons) if cons.active or continuation else None
         if common is not None:
             prompt, params = await self.render_common(eng, body, cons, fmt, continuation=continuation,
-                                                      add_generation_prompt=getattr(body, "add_generation_prompt", True))
+                                                      add_generation_prompt=add_generation_prompt)
             try:
                 grammar = params.grammar_sampling(eng.model)
             except GrammarError as exc:
@@ -664,10 +666,9 @@ class Serving:
                 return CommonReply(params.make_parser())
         else:
             if continuation:
-                prompt = await self.render_continued(eng, body, self.messages_of(body))
+                prompt = await self.render_continued(eng, body, messages)
             else:
-                prompt = await self.render_chat(eng, body, add_generation_prompt=getattr(body, "add_generation_prompt",
-                                                                                          True))
+                prompt = await self.render_chat(eng, body, add_generation_prompt=add_generation_prompt)
             if cons.active:   # a schema or grammar without llama.cpp's template: the grammar as it is
                 sampling = dataclasses.replace(sampling, grammar=cons.plain_grammar())
             template = self.template
